@@ -1,0 +1,1 @@
+"""Tuners for `InTune-v0`: InTune Q-learning, AUTOTUNE-like, Plumber-like, static, SB3."""

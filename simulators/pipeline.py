@@ -1,0 +1,216 @@
+"""Fluid-queue simulation of a multi-stage input pipeline feeding one trainer.
+
+Stages ``0 .. N-1`` form a chain; stage 0 reads from an unbounded dataset, stage ``i``
+writes into output buffer ``i`` (capacity ``B_i`` samples) and the trainer drains the last
+buffer at up to ``gpu_rate`` samples/s. One :meth:`PipelineSim.step` is one control
+interval of ``dt`` seconds:
+
+1. events due by now change the conditions (tables and oracle are cached per conditions);
+2. stage ``i`` may process at most ``c_i = floor(capacity_i(k_i) * share * noise_i * dt)``
+   samples, where ``share`` degrades oversubscribed machines (time-slicing) and
+   ``noise_i = 1 + noise_cv * clip(z, -3, 3)`` with ``z`` standard normal;
+3. flows are the largest the chain allows. Forward, what each stage can get:
+   ``S_0 = c_0``, ``S_i = min(c_i, b_{i-1} + S_{i-1})``; the trainer takes
+   ``G = min(gpu_rate * dt, b_{N-1} + S_{N-1})``. Backward, room downstream:
+   ``P_i = min(S_i, max(0, B_i - b_i + P_{i+1}))`` with ``P_N = G``;
+4. buffers update ``b_i += P_i - P_{i+1}``; memory is
+   ``base + cotenant + sum_i(workers_i(k_i) + b_i * element_bytes_i + state_i)``; above
+   the capacity the job is out of memory.
+
+All sample counts are integers, so conservation is exact: samples read equal samples
+consumed plus samples in buffers, always. Randomness comes only from the generator given
+to :meth:`PipelineSim.reset`, drawn in blocks of :data:`NOISE_BLOCK` intervals, so a
+batched implementation can reproduce a trajectory bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from simulators.conditions import Compiled, Conditions, compile_conditions
+from simulators.oracle import OracleResult, oracle, oversubscription_share
+from simulators.scenario import Scenario, ScenarioError
+
+#: Noise is drawn this many intervals at a time (shape ``(NOISE_BLOCK, n_stages)``).
+NOISE_BLOCK = 64
+GPU = "gpu"
+
+
+def noise_block(rng: np.random.Generator, n_stages: int, noise_cv: float) -> np.ndarray:
+    """Multiplicative rate noise for the next :data:`NOISE_BLOCK` intervals."""
+    z = rng.standard_normal((NOISE_BLOCK, n_stages))
+    return 1.0 + noise_cv * np.clip(z, -3.0, 3.0)
+
+
+class PipelineSim:
+    """One simulated pipeline. Knows nothing of Gymnasium.
+
+    Args:
+        scenario: the validated scenario.
+        control_interval_s: simulated seconds per :meth:`step` (default: the scenario's).
+        noise_cv: rate variation (default: the scenario's); 0 makes it deterministic.
+    """
+
+    def __init__(self, scenario: Scenario, control_interval_s: float | None = None,
+                 noise_cv: float | None = None) -> None:
+        self.scenario = scenario
+        self.n = len(scenario.stages)
+        self.stage_names = scenario.stage_names
+        self.dt = float(control_interval_s if control_interval_s is not None
+                        else scenario.control_interval_s)
+        self.noise_cv = float(noise_cv if noise_cv is not None else scenario.noise_cv)
+        self.events = sorted(scenario.events, key=lambda e: e.at_s)
+        self.max_cpus = [s.max_cpus for s in scenario.stages]
+        self.allocation = [1] * self.n
+        self.buffers = [0] * self.n
+        self._set_conditions(Conditions.initial(scenario))
+        self._reset_counters()
+
+    # --- state ---------------------------------------------------------------------
+    def _set_conditions(self, cond: Conditions) -> None:
+        self.conditions = cond
+        self.compiled: Compiled = compile_conditions(cond)
+        self.cpus = cond.cpus
+        self._gpu_cap = int(cond.gpu_rate * self.dt)
+
+    def _reset_counters(self) -> None:
+        self.steps = 0
+        self.samples_in = 0
+        self.samples_out = 0
+        self.oom = False
+        self.last_capacity = [0] * self.n
+        self.last_processed = [0] * self.n
+        self.last_consumed = 0
+        self.memory_bytes = self._memory()
+
+    def reset(self, rng: np.random.Generator, allocation: Sequence[int]) -> None:
+        """Start over from empty buffers, the scenario's conditions and ``allocation``."""
+        self._rng = rng
+        self._next_event = 0
+        self.steps = 0
+        self._set_conditions(Conditions.initial(self.scenario))
+        self._apply_due_events()
+        self.buffers = [0] * self.n
+        self.set_allocation(allocation)
+        self._noise: list[list[float]] = []
+        self._row = NOISE_BLOCK
+        self._reset_counters()
+
+    def set_allocation(self, allocation: Sequence[int]) -> None:
+        """Hold ``allocation`` from now on. Oversubscription is allowed (and degraded)."""
+        alloc = [int(k) for k in allocation]
+        if len(alloc) != self.n:
+            raise ValueError(f"allocation has {len(alloc)} entries; the pipeline has {self.n} "
+                             f"stages ({', '.join(self.stage_names)})")
+        for name, k, hi in zip(self.stage_names, alloc, self.max_cpus, strict=True):
+            if not 1 <= k <= hi:
+                raise ValueError(f"allocation for stage {name!r} is {k}; expected 1..{hi}")
+        self.allocation = alloc
+
+    @property
+    def time_s(self) -> float:
+        """Simulated seconds since reset."""
+        return self.steps * self.dt
+
+    @property
+    def memory_capacity_bytes(self) -> int:
+        return self.conditions.memory_capacity_bytes
+
+    def oracle(self) -> OracleResult:
+        """Best static allocation under the current conditions (cached)."""
+        return oracle(self.conditions)
+
+    def _apply_due_events(self) -> bool:
+        changed = False
+        t = self.time_s
+        while self._next_event < len(self.events) and self.events[self._next_event].at_s <= t:
+            cond = self.conditions.apply(self.events[self._next_event])
+            try:
+                self._set_conditions(cond)
+            except ValueError as err:
+                raise ScenarioError(f"{self.scenario.name}: events.{self._next_event}: {err}") \
+                    from None
+            self._next_event += 1
+            changed = True
+        return changed
+
+    def _memory(self) -> int:
+        comp = self.compiled
+        mem = self.conditions.fixed_memory_bytes
+        for i, k in enumerate(self.allocation):
+            mem += comp.workers[i][k] + self.buffers[i] * comp.element_bytes[i] \
+                + comp.state_bytes[i]
+        return mem
+
+    # --- dynamics ------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance one control interval (see the module docstring)."""
+        if self._next_event < len(self.events) and self.events[self._next_event].at_s <= \
+                self.time_s:
+            self._apply_due_events()
+        if self._row >= NOISE_BLOCK:
+            self._noise = noise_block(self._rng, self.n, self.noise_cv).tolist()
+            self._row = 0
+        noise = self._noise[self._row]
+        self._row += 1
+
+        n, dt, comp = self.n, self.dt, self.compiled
+        alloc, b = self.allocation, self.buffers
+        total = sum(alloc)
+        share = oversubscription_share(total, self.cpus, self.conditions.oversubscription_overhead)
+        cap_tab, buf_tab = comp.capacity, comp.buffers
+        c = [int(cap_tab[i][alloc[i]] * share * noise[i] * dt) for i in range(n)]
+
+        supply = c[:]  # forward pass: what each stage can process given its input
+        for i in range(1, n):
+            avail = b[i - 1] + supply[i - 1]
+            if avail < supply[i]:
+                supply[i] = avail
+        g = b[n - 1] + supply[n - 1]
+        if self._gpu_cap < g:
+            g = self._gpu_cap
+        p = [0] * n  # backward pass: what fits downstream
+        nxt = g
+        for i in range(n - 1, -1, -1):
+            room = buf_tab[i][alloc[i]] - b[i] + nxt
+            pi = supply[i] if supply[i] < room else room
+            if pi < 0:
+                pi = 0
+            p[i] = pi
+            nxt = pi
+        for i in range(n - 1):
+            b[i] += p[i] - p[i + 1]
+        b[n - 1] += p[n - 1] - g
+
+        self.samples_in += p[0]
+        self.samples_out += g
+        self.last_capacity = c
+        self.last_processed = p
+        self.last_consumed = g
+        self.steps += 1
+        self.memory_bytes = mem = self._memory()
+        if mem > self.conditions.memory_capacity_bytes:
+            self.oom = True
+
+    # --- measurements --------------------------------------------------------------
+    @property
+    def throughput(self) -> float:
+        """Samples/s handed to the trainer in the last interval."""
+        return self.last_consumed / self.dt
+
+    def utilisation(self) -> list[float]:
+        """Busy fraction of each stage in the last interval."""
+        return [p / c if c > 0 else 1.0
+                for p, c in zip(self.last_processed, self.last_capacity, strict=True)]
+
+    def buffer_capacities(self) -> list[int]:
+        comp = self.compiled
+        return [comp.buffers[i][k] for i, k in enumerate(self.allocation)]
+
+    def bottleneck(self) -> str:
+        """Stage with the least capacity in the last interval, or ``"gpu"`` if the trainer is."""
+        c = self.last_capacity
+        i = min(range(self.n), key=c.__getitem__)
+        return GPU if self._gpu_cap <= c[i] else self.stage_names[i]
