@@ -74,6 +74,17 @@ class PipelineSim:
         self.compiled: Compiled = compile_conditions(cond)
         self.cpus = cond.cpus
         self._gpu_cap = int(cond.gpu_rate * self.dt)
+        # Per-conditions constants, so a step never hashes Conditions (the oracle's
+        # lru_cache key hashes every StageSpec) nor walks attribute chains.
+        self._oracle: OracleResult | None = None
+        comp = self.compiled
+        self._cap_tab = comp.capacity
+        self._buf_tab = comp.buffers
+        self._workers_tab = comp.workers
+        self._elem = comp.element_bytes
+        self._mem_fixed = cond.fixed_memory_bytes + sum(comp.state_bytes)
+        self._mem_cap = cond.memory_capacity_bytes
+        self._overhead = cond.oversubscription_overhead
 
     def _reset_counters(self) -> None:
         self.steps = 0
@@ -120,7 +131,10 @@ class PipelineSim:
 
     def oracle(self) -> OracleResult:
         """Best static allocation under the current conditions (cached)."""
-        return oracle(self.conditions)
+        orc = self._oracle
+        if orc is None:
+            orc = self._oracle = oracle(self.conditions)
+        return orc
 
     def _apply_due_events(self) -> bool:
         changed = False
@@ -137,52 +151,73 @@ class PipelineSim:
         return changed
 
     def _memory(self) -> int:
-        comp = self.compiled
-        mem = self.conditions.fixed_memory_bytes
+        # Integers, so the order of the sum does not matter (exact).
+        wk, elem, b = self._workers_tab, self._elem, self.buffers
+        mem = self._mem_fixed
         for i, k in enumerate(self.allocation):
-            mem += comp.workers[i][k] + self.buffers[i] * comp.element_bytes[i] \
-                + comp.state_bytes[i]
+            mem += wk[i][k] + b[i] * elem[i]
         return mem
 
     # --- dynamics ------------------------------------------------------------------
     def step(self) -> None:
         """Advance one control interval (see the module docstring)."""
-        if self._next_event < len(self.events) and self.events[self._next_event].at_s <= \
-                self.time_s:
+        # Hot path (millions of calls): locals instead of attribute chains, forward and
+        # backward passes fused with the buffer and memory updates. Float operations keep
+        # the documented order, so results are bit-for-bit those of the plain formulas
+        # (and of the batched ``intune_env.vector``).
+        dt = self.dt
+        if self._next_event < len(self.events) and \
+                self.events[self._next_event].at_s <= self.steps * dt:
             self._apply_due_events()
-        if self._row >= NOISE_BLOCK:
+        row = self._row
+        if row >= NOISE_BLOCK:
             self._noise = noise_block(self._rng, self.n, self.noise_cv).tolist()
-            self._row = 0
-        noise = self._noise[self._row]
-        self._row += 1
+            row = 0
+        noise = self._noise[row]
+        self._row = row + 1
 
-        n, dt, comp = self.n, self.dt, self.compiled
+        n = self.n
         alloc, b = self.allocation, self.buffers
         total = sum(alloc)
-        share = oversubscription_share(total, self.cpus, self.conditions.oversubscription_overhead)
-        cap_tab, buf_tab = comp.capacity, comp.buffers
-        c = [int(cap_tab[i][alloc[i]] * share * noise[i] * dt) for i in range(n)]
+        cpus = self.cpus
+        if total <= cpus:  # share == 1.0 and x * 1.0 == x exactly: skip the product
+            c = [int(tab[k] * z * dt) for tab, k, z in zip(self._cap_tab, alloc, noise,
+                                                            strict=True)]
+        else:
+            share = oversubscription_share(total, cpus, self._overhead)
+            c = [int(tab[k] * share * z * dt) for tab, k, z in zip(self._cap_tab, alloc, noise,
+                                                                    strict=True)]
 
         supply = c[:]  # forward pass: what each stage can process given its input
+        prev = supply[0]
         for i in range(1, n):
-            avail = b[i - 1] + supply[i - 1]
-            if avail < supply[i]:
-                supply[i] = avail
-        g = b[n - 1] + supply[n - 1]
-        if self._gpu_cap < g:
-            g = self._gpu_cap
-        p = [0] * n  # backward pass: what fits downstream
+            avail = b[i - 1] + prev
+            prev = supply[i]
+            if avail < prev:
+                supply[i] = prev = avail
+        g = b[n - 1] + prev
+        gpu_cap = self._gpu_cap
+        if gpu_cap < g:
+            g = gpu_cap
+        # backward pass (what fits downstream), buffer update and memory in one sweep
+        p = [0] * n
+        buf_tab, wk, elem = self._buf_tab, self._workers_tab, self._elem
+        mem = self._mem_fixed
         nxt = g
         for i in range(n - 1, -1, -1):
-            room = buf_tab[i][alloc[i]] - b[i] + nxt
-            pi = supply[i] if supply[i] < room else room
+            k = alloc[i]
+            bi = b[i]
+            room = buf_tab[i][k] - bi + nxt
+            pi = supply[i]
+            if room < pi:
+                pi = room
             if pi < 0:
                 pi = 0
             p[i] = pi
+            bi += pi - nxt
+            b[i] = bi
+            mem += wk[i][k] + bi * elem[i]
             nxt = pi
-        for i in range(n - 1):
-            b[i] += p[i] - p[i + 1]
-        b[n - 1] += p[n - 1] - g
 
         self.samples_in += p[0]
         self.samples_out += g
@@ -190,8 +225,8 @@ class PipelineSim:
         self.last_processed = p
         self.last_consumed = g
         self.steps += 1
-        self.memory_bytes = mem = self._memory()
-        if mem > self.conditions.memory_capacity_bytes:
+        self.memory_bytes = mem
+        if mem > self._mem_cap:
             self.oom = True
 
     # --- measurements --------------------------------------------------------------

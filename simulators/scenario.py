@@ -20,6 +20,7 @@ Every fault is reported as one :class:`ScenarioError` line naming the source (fi
 
 from __future__ import annotations
 
+import difflib
 import re
 from importlib import resources
 from pathlib import Path
@@ -183,12 +184,17 @@ class Scenario(_Strict):
 
 
 def _format_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
+    # A misspelt field also shows up as a missing one: report the misspelling.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
     msg = first["msg"].removeprefix("Value error, ")
     typ = first["type"]
     if typ == "extra_forbidden":
-        msg = "unknown field (misspelt?)"
+        known = sorted({f for m in (Scenario, MachineSpec, StageSpec, EventSpec)
+                        for f in m.model_fields})
+        close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+        msg = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
     elif typ == "missing":
         msg = "required field is missing"
     more = len(err.errors()) - 1
