@@ -245,3 +245,19 @@ def test_common_action_codec_roundtrip() -> None:
         for a in range(2 * n + 1):
             stage, delta = common.decode_action(a, n)
             assert common.encode_action(stage, delta, n) == a
+
+
+def test_sb3_subproc_vec_env_through_module_path() -> None:
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    venv = make_vec_env("intune_env:InTune-v0", n_envs=2, seed=0, vec_env_cls=SubprocVecEnv,
+                        vec_env_kwargs={"start_method": "spawn"})
+    try:
+        obs = venv.reset()
+        obs, rewards, dones, infos = venv.step(np.array([0, 3]))
+        assert obs.shape == (2, 19) and len(infos) == 2
+        assert infos[1]["allocation"] != infos[0]["allocation"] or infos[1]["invalid_action"]
+    finally:
+        venv.close()
