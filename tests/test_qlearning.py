@@ -1,0 +1,293 @@
+"""The InTune tabular Q-learner: table files, the memory shield, learning, every built-in."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from conftest import small_scenario
+
+import intune_env  # noqa: F401  (registers InTune-v0)
+from agents import qlearning as ql
+from agents.base import run_episode
+from agents.qlearning import (
+    ACTIONS,
+    FORMAT_VERSION,
+    GIVE,
+    N_ACTIONS,
+    N_STATES,
+    PRETRAINED_PATH,
+    EpsilonSchedule,
+    QLearningAgent,
+    QTableError,
+    state_features,
+    state_index,
+)
+from intune_env import common
+from simulators import builtin_scenarios
+
+GIB = 1024**3
+
+
+def trained_agent(steps: int = 200) -> QLearningAgent:
+    agent = QLearningAgent(seed=3, epsilon=(0.5, 0.1, 100))
+    env = gym.make("InTune-v0", scenario=small_scenario())
+    run_episode(env, agent, seed=0, max_steps=steps)
+    return agent
+
+
+def greedy_fraction(env: gym.Env, q: np.ndarray | None, seeds: range, steps: int = 150) -> float:
+    """Mean throughput/oracle over the last 30 steps of frozen greedy episodes."""
+    out = []
+    for s in seeds:
+        agent = QLearningAgent(seed=s, epsilon=(0.0, 0.0, 1), learn=False)
+        if q is not None:
+            agent.q = q.copy()
+        trace = run_episode(env, agent, seed=100 + s, max_steps=steps, learn=False)
+        out.append(float(np.mean(trace.fraction[-30:])))
+    return float(np.mean(out))
+
+
+# --- table files ---------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    agent = trained_agent()
+    agent.metadata = {"trained_on": ["small"]}
+    path = agent.save(tmp_path / "q.json")
+    loaded = QLearningAgent.load(path)
+    np.testing.assert_array_equal(loaded.q, agent.q)
+    np.testing.assert_array_equal(loaded.visits, agent.visits)
+    assert loaded.metadata["trained_on"] == ["small"]
+    data = json.loads(path.read_text())
+    assert data["format_version"] == FORMAT_VERSION
+    assert np.asarray(data["q"]).shape == (N_STATES, N_ACTIONS)
+    assert agent.visits.sum() > 0  # it did learn something worth saving
+
+
+def test_save_leaves_no_temp_file_and_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    QLearningAgent(seed=0).save(path)
+    trained_agent().save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["q.json"]
+    assert QLearningAgent.load(path).visits.sum() > 0
+
+
+def test_failed_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "q.json"
+    QLearningAgent(seed=0).save(path)
+    before = path.read_bytes()
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ql.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        trained_agent().save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["q.json"]
+
+
+def _valid_table() -> dict[str, Any]:
+    return QLearningAgent(seed=0).table_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fault"),
+    [
+        (lambda text, d: text[: len(text) // 2], "corrupt or truncated"),
+        (lambda text, d: "[1, 2, 3]", "expected a JSON object"),
+        (lambda text, d: json.dumps({**d, "format_version": 99}), "format_version is 99"),
+        (lambda text, d: json.dumps({k: v for k, v in d.items() if k != "format_version"}),
+         "format_version is None"),
+        (lambda text, d: json.dumps({**d, "q": d["q"][:-1]}), "'q' has shape"),
+        (lambda text, d: json.dumps({**d, "q": "zeros"}), "'q' must be a 54x3 table"),
+        (lambda text, d: json.dumps({**d, "visits": [[1, 2]] * N_STATES}), "'visits' has shape"),
+        (lambda text, d: json.dumps({**d, "actions": ["noop", "give"]}), "do not match"),
+        (lambda text, d: json.dumps({**d, "kind": "sb3-model"}), "kind is 'sb3-model'"),
+        (lambda text, d: text.replace("0.05", "NaN", 1), "non-finite"),
+    ],
+)
+def test_bad_table_files_give_clear_errors(tmp_path: Path, mutate: Any, fault: str) -> None:
+    table = _valid_table()
+    text = json.dumps(table)
+    path = tmp_path / "bad.json"
+    path.write_text(mutate(text, table))
+    with pytest.raises(QTableError) as err:
+        QLearningAgent.load(path)
+    assert str(path) in str(err.value)
+    assert fault in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_missing_table_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read Q-table file"):
+        QLearningAgent(pretrained=tmp_path / "nope.json")
+
+
+def test_shipped_table_loads_and_is_documented() -> None:
+    agent = QLearningAgent.pretrained(seed=0)
+    assert agent.name == "qlearning"
+    assert agent.visits.sum() > 10_000
+    held_out = agent.metadata["held_out"]
+    assert "large-96" in held_out and "transform-drift" in held_out
+    assert not set(agent.metadata["trained_on"]) & set(held_out)
+    assert PRETRAINED_PATH.stat().st_size < 50_000  # small enough to commit
+
+
+# --- arguments and encoding -------------------------------------------------------------
+def test_epsilon_schedule_and_arguments() -> None:
+    sched = EpsilonSchedule(1.0, 0.1, 100)
+    assert sched.value(0) == 1.0 and sched.value(50) == pytest.approx(0.55)
+    assert sched.value(10_000) == pytest.approx(0.1)
+    assert QLearningAgent(epsilon=(0.2, 0.0, 10)).epsilon == EpsilonSchedule(0.2, 0.0, 10)
+    with pytest.raises(ValueError, match="epsilon start"):
+        QLearningAgent(epsilon=(1.5, 0.0, 10))
+    with pytest.raises(ValueError, match=r"\(start, end, decay_steps\)"):
+        QLearningAgent(epsilon=0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="learning_rate"):
+        QLearningAgent(learning_rate=0)
+    with pytest.raises(ValueError, match="discount"):
+        QLearningAgent(discount=1.0)
+
+
+def test_state_index_round_trip() -> None:
+    assert {state_index(state_features(s)) for s in range(N_STATES)} == set(range(N_STATES))
+
+
+# --- the memory shield -------------------------------------------------------------------
+def _info_from(env: gym.Env) -> dict[str, Any]:
+    _, info = env.reset(seed=0)
+    return info
+
+
+def tight_scenario(worker_mib: float, memory_gib: float) -> dict[str, Any]:
+    """16 CPUs; transform (15k/s per CPU, ``worker_mib`` per worker) is the bottleneck."""
+    d = small_scenario(cpus=16, memory_gib=memory_gib, base_memory_gib=1.0)
+    d["stages"][0]["max_cpus"] = 8
+    d["stages"][1]["rate_per_cpu"] = 200000  # shuffle never the bottleneck here
+    d["stages"][2]["worker_memory_mib"] = worker_mib
+    d["noise_cv"] = 0.03
+    return d
+
+
+def test_shield_masks_a_give_predicted_to_run_out_of_memory() -> None:
+    # read 6 x 100 MiB, transform 5 -> 6 workers of 1 GiB: 1 + 0.6 + 6 = 7.6 GiB of 7.9;
+    # the move measures a transform worker, and a 7th would need 8.6 GiB.
+    d = tight_scenario(worker_mib=1024, memory_gib=7.9)
+    env = gym.make("InTune-v0", scenario=d, start_allocation=[6, 1, 5])
+    agent = QLearningAgent(seed=0, epsilon=(1.0, 1.0, 1), safe_exploration=False)
+    obs, info = env.reset(seed=0)
+    agent.reset(obs, info)
+    agent._perceive(info)
+    assert agent._est.worker_bytes == [None, None, None]
+    obs, _, _, _, info = env.step(common.encode_action(2, +1, 3))
+    p = agent._perceive(info)
+    assert agent._est.worker_bytes[2] == pytest.approx(GIB, rel=1e-6)
+    assert p.give_stage == 2  # transform (6 x 15k/s) is the bottleneck
+    assert p.features[1] == 0  # CPUs are free: only memory stands in the way
+    assert not p.valid[GIVE]
+    assert ACTIONS[GIVE] == "give"
+    add_transform = common.encode_action(2, +1, 3)
+    for _ in range(200):  # pure exploration never picks the masked move
+        assert agent.act(obs, info) != add_transform
+
+
+def test_shield_probes_unknown_worker_memory_instead_of_guessing() -> None:
+    # 1 + 0.5 + 5 x 1 GiB used of 7.5; the rigorous bound on a transform worker
+    # (unexplained memory / 5 workers = 1.3 GiB) does not fit, the true 1 GiB would.
+    d = tight_scenario(worker_mib=1024, memory_gib=7.5)
+    env = gym.make("InTune-v0", scenario=d, start_allocation=[5, 1, 5])
+    agent = QLearningAgent(seed=0)
+    obs, info = env.reset(seed=0)
+    agent.reset(obs, info)
+    p = agent._perceive(info)
+    assert p.give_stage == 2 and p.probe
+    agent.q[p.state] = [0.0, 1.0, 0.0]  # make it want to give
+    assert agent.act(obs, info) == common.encode_action(2, -1, 3)  # probe: release one
+    assert agent.probes == 1
+    _, _, _, _, info = env.step(common.encode_action(2, -1, 3))
+    p = agent._perceive(info)
+    assert agent._est.worker_bytes[2] == pytest.approx(GIB, rel=1e-6)
+    assert not p.probe and p.valid[GIVE]  # measured: the add fits, no more probing
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_never_runs_out_of_memory_while_exploring_at_random(seed: int) -> None:
+    # Transform workers of 1.5 GiB, 9 GiB machine: adding every free CPU to transform
+    # would need 1 + 0.4 + 10 x 1.5 GiB. Pure random exploration with the shield on.
+    d = tight_scenario(worker_mib=1536, memory_gib=9.0)
+    env = gym.make("InTune-v0", scenario=d, start_allocation="min")
+    agent = QLearningAgent(seed=seed, epsilon=(1.0, 1.0, 1), safe_exploration=False)
+    trace = run_episode(env, agent, seed=seed, max_steps=400)
+    assert not trace.oom
+    assert max(trace.memory_fraction) <= 1.0
+    assert max(a[2] for a in trace.allocation) >= 4  # it did add transform workers
+
+
+def test_without_the_shield_the_same_exploration_crashes() -> None:
+    """The scenario above is a real test: unshielded random adds do run out of memory."""
+    d = tight_scenario(worker_mib=1536, memory_gib=9.0)
+    env = gym.make("InTune-v0", scenario=d, start_allocation="min")
+    rng = np.random.default_rng(0)
+    _, info = env.reset(seed=0)
+    crashed = False
+    for _ in range(400):
+        mask = info["action_mask"]
+        _, _, term, _, info = env.step(int(rng.choice(np.flatnonzero(mask[1:4])) + 1)
+                                       if mask[1:4].any() else 0)
+        if term:
+            crashed = True
+            break
+    assert crashed
+
+
+# --- learning ----------------------------------------------------------------------------
+def test_short_training_improves_over_the_untrained_start() -> None:
+    env = gym.make("InTune-v0", scenario={**small_scenario(), "noise_cv": 0.03})
+    before = greedy_fraction(env, None, range(3))
+    agent = QLearningAgent(seed=0, epsilon=(0.3, 0.02, 1500), safe_exploration=False)
+    for ep in range(5):
+        run_episode(env, agent, seed=ep, max_steps=300)
+    after = greedy_fraction(env, agent.q, range(3))
+    assert after >= 0.95
+    assert after > before + 0.2
+
+
+def test_same_seed_same_episode() -> None:
+    env = gym.make("InTune-v0", scenario="dlrm-criteo")
+    a = run_episode(env, QLearningAgent(seed=7), seed=1, max_steps=150)
+    b = run_episode(env, QLearningAgent(seed=7), seed=1, max_steps=150)
+    assert a.allocation == b.allocation and a.throughput == b.throughput
+
+
+@pytest.mark.parametrize("scenario", builtin_scenarios())
+def test_pretrained_agent_runs_every_builtin(scenario: str) -> None:
+    env = gym.make("InTune-v0", scenario=scenario)
+    agent = QLearningAgent.pretrained(seed=0)
+    trace = run_episode(env, agent, seed=0)
+    assert len(trace.time_s) == 600
+    assert not trace.oom
+    assert trace.invalid == 0
+    # a loose floor (the targets are measured in benchmarks/qlearning_targets.py)
+    assert float(np.mean(trace.fraction[-120:])) > 0.8
+
+
+def test_registry_builds_both_names() -> None:
+    registry = pytest.importorskip("agents.registry")
+    env = gym.make("InTune-v0", scenario="dlrm-criteo")
+    pre = registry.make_agent("qlearning", env, seed=0)
+    scratch = registry.make_agent("qlearning-scratch", env, seed=0)
+    assert isinstance(pre, QLearningAgent) and isinstance(scratch, QLearningAgent)
+    assert pre.visits.sum() > 0 and scratch.visits.sum() == 0
+    assert scratch.name == "qlearning-scratch"
+
+
+def test_table_file_is_plain_json(tmp_path: Path) -> None:
+    path = trained_agent().save(tmp_path / "q.json")
+    assert os.path.getsize(path) > 0
+    assert json.loads(path.read_text())["kind"] == ql.FILE_KIND
