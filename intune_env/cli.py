@@ -135,7 +135,7 @@ def _attach(module: str, names: dict[str, str]) -> None:
 
 
 # INTEGRATION: _attach("agents.cli", {"train": "train", "eval_cmd": "eval", "compare": "compare"})
-# INTEGRATION: _attach("intune_env.live.cli", {"calibrate": "calibrate"})
+_attach("intune_env.live.cli", {"calibrate": "calibrate", "live_sweep": "live-sweep"})
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,209 @@
+"""InTuneLive-v0: the shared interface on the live pipeline (tiny, fast configurations)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import gymnasium as gym
+import numpy as np
+import psutil
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from intune_env import common
+from intune_env.live import pipeline as pl
+from intune_env.live.pipeline import STAGES, PipelineError, tree_rss
+from intune_env.live_env import InTuneLiveEnv
+
+N = len(STAGES)
+TEST_ID = "InTuneLiveTiny-v0"
+INFO_KEYS = {
+    "throughput", "allocation", "memory_bytes", "memory_capacity_bytes", "oom",
+    "bottleneck_stage", "sim_time_s", "invalid_action", "stage_names", "stage_utilisation",
+    "stage_processed", "stage_busy_s", "buffer_levels", "buffer_capacities", "element_bytes",
+    "cpus_total", "max_cpus", "gpu_rate", "action_mask",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return {
+        "control_interval_s": 0.1,
+        "read_latency_ms": 2.0,
+        "data_dir": str(tmp_path_factory.mktemp("live-env-data")),
+        "n_shards": 2,
+        "rows_per_shard": 2048,
+        "batch_size": 128,
+        "shuffle_buffer": 256,
+        "cpus": 8,
+        "max_workers": (3, 2, 2, 2, 2),
+    }
+
+
+def _no_pipeline_threads() -> bool:
+    return not [t for t in threading.enumerate() if t.name.startswith("intune-")]
+
+
+def test_check_env_is_clean(tiny) -> None:
+    if TEST_ID not in gym.registry:
+        # A live pipeline is not reproducible step for step: declared nondeterministic.
+        gym.register(id=TEST_ID, entry_point="intune_env.live_env:InTuneLiveEnv",
+                     max_episode_steps=300, nondeterministic=True)
+    env = gym.make(TEST_ID, **tiny)
+    try:
+        check_env(env.unwrapped)
+    finally:
+        env.close()
+    assert _no_pipeline_threads()
+
+
+def test_registered_id_makes_the_live_env(tiny) -> None:
+    import intune_env  # noqa: F401  (registers the ids)
+
+    env = gym.make("InTuneLive-v0", **tiny)
+    try:
+        assert isinstance(env.unwrapped, InTuneLiveEnv)
+        assert env.action_space == common.action_space(N)
+        assert env.observation_space == common.observation_space(N)
+    finally:
+        env.close()
+
+
+def test_step_measures_the_running_pipeline(tiny) -> None:
+    env = InTuneLiveEnv(**tiny, render_mode="ansi")
+    try:
+        obs, info = env.reset(seed=1)
+        assert set(info) == INFO_KEYS  # no oracle given: no oracle keys
+        assert obs in env.observation_space
+        infos = [info]
+        for a in (1, 1, 0):  # two more readers, then hold
+            obs, rew, term, trunc, info = env.step(a)
+            infos.append(info)
+            assert not term and not trunc
+        assert info["allocation"] == [3, 1, 1, 1, 1]
+        assert info["throughput"] > 0 and sum(info["stage_processed"]) > 0
+        assert all(0.0 <= u <= 1.0 for u in info["stage_utilisation"])
+        assert info["stage_names"] == list(STAGES)
+        assert info["element_bytes"][0] > 100  # a Criteo sample is ~160 bytes
+        assert 0 < info["memory_bytes"] < info["memory_capacity_bytes"]
+        assert info["bottleneck_stage"] in (*STAGES, "gpu")
+        assert info["cpus_total"] == 8 and info["max_cpus"] == [3, 2, 2, 2, 2]
+        thr_frac = info["throughput"] / info["gpu_rate"]
+        mem_frac = info["memory_bytes"] / info["memory_capacity_bytes"]
+        assert rew == pytest.approx(
+            common.reward(thr_frac, mem_frac, False, common.RewardWeights()))
+        assert np.array_equal(info["action_mask"],
+                              common.action_mask([3, 1, 1, 1, 1], [3, 2, 2, 2, 2], 8))
+        # fresh containers every call
+        assert infos[-1]["allocation"] is not infos[-2]["allocation"]
+        text = env.render()
+        assert all(name in text for name in STAGES) and "throughput" in text
+    finally:
+        env.close()
+        env.close()
+    assert _no_pipeline_threads()
+
+
+def test_invalid_moves_are_flagged_no_ops_and_bad_actions_raise(tiny) -> None:
+    env = InTuneLiveEnv(**tiny)
+    try:
+        env.reset(seed=0, options={"allocation": [3, 2, 1, 1, 1]})
+        _, _, _, _, info = env.step(1 + N)  # read 3 -> 2
+        assert not info["invalid_action"] and info["allocation"][0] == 2
+        _, _, _, _, info = env.step(3 + N)  # shuffle below 1
+        assert info["invalid_action"] and info["allocation"] == [2, 2, 1, 1, 1]
+        _, _, _, _, info = env.step(2)  # batch above its max of 2
+        assert info["invalid_action"] and info["allocation"] == [2, 2, 1, 1, 1]
+        _, _, _, _, info = env.step(1)
+        assert not info["invalid_action"] and sum(info["allocation"]) == 8
+        _, _, _, _, info = env.step(4)  # budget of 8 workers is full
+        assert info["invalid_action"] and sum(info["allocation"]) == 8
+        for bad in (-1, 2 * N + 1, 1.5, "x"):
+            with pytest.raises(ValueError):
+                env.step(bad)
+        with pytest.raises(ValueError, match="above the budget"):
+            env.reset(options={"allocation": [3, 2, 2, 2, 2]})
+        # A whole allocation (AUTOTUNE-style) may exceed the budget, not max_workers.
+        env.set_allocation([3, 2, 2, 2, 2])
+        _, _, _, _, info = env.step(0)
+        assert info["allocation"] == [3, 2, 2, 2, 2] and not info["invalid_action"]
+        with pytest.raises(ValueError, match=r"expected 1\.\.3"):
+            env.set_allocation([4, 1, 1, 1, 1])
+    finally:
+        env.close()
+
+
+def test_exceeding_the_memory_budget_terminates_like_an_oom(tiny) -> None:
+    # Budget: what this process uses now plus 48 MiB. Big per-worker shuffle buffers
+    # (~270 B a sample) then outgrow it within a few intervals.
+    budget = tree_rss() / 2**20 + 48
+    cfg = {**tiny, "read_latency_ms": 0.0, "shuffle_buffer": 600_000,
+           "memory_budget_mib": budget, "control_interval_s": 0.25}
+    env = InTuneLiveEnv(**cfg)
+    try:
+        _, info = env.reset(seed=0, options={"allocation": [2, 1, 2, 1, 1]})
+        weights = common.RewardWeights()
+        for _ in range(40):
+            _, rew, term, trunc, info = env.step(0)
+            if term:
+                break
+        assert term and info["oom"] and not trunc
+        assert rew == -weights.oom_penalty
+        assert env.pipeline is not None and env.pipeline.halted
+    finally:
+        env.close()
+    assert _no_pipeline_threads()
+
+
+def test_memory_budget_must_be_below_the_machine(tiny) -> None:
+    machine_mib = psutil.virtual_memory().total / 2**20
+    with pytest.raises(ValueError, match="below the machine"):
+        InTuneLiveEnv(**{**tiny, "memory_budget_mib": machine_mib * 2})
+
+
+def test_oracle_from_a_sweep_json(tiny, tmp_path) -> None:
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"best": {"throughput": 1234.5,
+                                          "allocation": [2, 1, 1, 1, 1]}}))
+    env = InTuneLiveEnv(**tiny, oracle=sweep)
+    try:
+        _, info = env.reset(seed=0)
+        assert info["oracle_throughput"] == 1234.5
+        assert info["oracle_allocation"] == [2, 1, 1, 1, 1]
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="oracle"):
+        InTuneLiveEnv(**tiny, oracle={"allocation": [1, 1, 1, 1, 1]})
+
+
+def test_worker_exception_surfaces_from_step(tiny, monkeypatch) -> None:
+    def broken(item, params, cache):
+        raise RuntimeError("transform exploded")
+
+    monkeypatch.setitem(pl.STAGE_FUNCS, "transform", broken)
+    env = InTuneLiveEnv(**tiny)
+    try:
+        with pytest.raises(PipelineError, match="transform exploded"):
+            env.reset(seed=0)
+            env.step(0)
+    finally:
+        env.close()
+        env.close()
+    assert _no_pipeline_threads()
+
+
+def test_process_workers_are_gone_after_close(tiny) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    env = InTuneLiveEnv(**tiny, process_stages=("transform",))
+    try:
+        env.reset(seed=0)
+        env.step(4)  # a second transform worker process
+        pids = env.pipeline.worker_pids()
+        assert len(pids) == 2
+    finally:
+        env.close()
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids)
