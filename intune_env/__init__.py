@@ -3,7 +3,8 @@
 ``import intune_env`` registers:
 
 - ``InTune-v0``: the simulated pipeline (:class:`intune_env.intune.InTuneEnv`);
-- ``InTuneLive-v0``: a real multi-process pipeline on this machine
+- ``InTuneLive-v0``: a real pipeline on this machine (thread pools, optionally worker
+  processes)
   (:class:`intune_env.live_env.InTuneLiveEnv`).
 
 ``gym.make("intune_env:InTune-v0")`` imports this module first, so it also works in a
@@ -23,6 +24,7 @@ if "InTune-v0" not in registry:
     register(
         id="InTune-v0",
         entry_point="intune_env.intune:InTuneEnv",
+        vector_entry_point="intune_env.vector:InTuneVectorEnv",
         max_episode_steps=MAX_EPISODE_STEPS,
     )
 if "InTuneLive-v0" not in registry:
@@ -30,4 +32,5 @@ if "InTuneLive-v0" not in registry:
         id="InTuneLive-v0",
         entry_point="intune_env.live_env:InTuneLiveEnv",
         max_episode_steps=300,
+        nondeterministic=True,  # real threads and wall-clock time: seeds fix data, not timing
     )

@@ -304,21 +304,21 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
             "bottleneck_stage": bottleneck,
             "sim_time_s": float(time.perf_counter() - self._t_reset),
             "invalid_action": bool(invalid),
-            "stage_names": list(STAGES),
+            "stage_names": tuple(STAGES),
             "stage_utilisation": [float(u) for u in util],
             "stage_processed": [int(p) for p in processed],
             "stage_busy_s": [float(b) for b in busy],
             "buffer_levels": [int(b) for b in c1.buffer_levels],
             "buffer_capacities": [int(b) for b in c1.buffer_capacities],
-            "element_bytes": list(self._element_bytes),
+            "element_bytes": tuple(self._element_bytes),
             "cpus_total": int(self.cpus),
-            "max_cpus": list(self.max_workers),
+            "max_cpus": tuple(self.max_workers),
             "gpu_rate": float(self.gpu_rate),
             "action_mask": common.action_mask(alloc, self.max_workers, self.cpus),
         }
         if self.oracle is not None:
             info["oracle_throughput"] = float(self.oracle["throughput"])
-            info["oracle_allocation"] = list(self.oracle["allocation"])
+            info["oracle_allocation"] = tuple(self.oracle["allocation"])
         self._last = info
         return obs, float(rew), oom, info
 

@@ -84,11 +84,11 @@ def test_step_measures_the_running_pipeline(tiny) -> None:
         assert info["allocation"] == [3, 1, 1, 1, 1]
         assert info["throughput"] > 0 and sum(info["stage_processed"]) > 0
         assert all(0.0 <= u <= 1.0 for u in info["stage_utilisation"])
-        assert info["stage_names"] == list(STAGES)
+        assert info["stage_names"] == tuple(STAGES)
         assert info["element_bytes"][0] > 100  # a Criteo sample is ~160 bytes
         assert 0 < info["memory_bytes"] < info["memory_capacity_bytes"]
         assert info["bottleneck_stage"] in (*STAGES, "gpu")
-        assert info["cpus_total"] == 8 and info["max_cpus"] == [3, 2, 2, 2, 2]
+        assert info["cpus_total"] == 8 and info["max_cpus"] == (3, 2, 2, 2, 2)
         thr_frac = info["throughput"] / info["gpu_rate"]
         mem_frac = info["memory_bytes"] / info["memory_capacity_bytes"]
         assert rew == pytest.approx(
@@ -170,7 +170,7 @@ def test_oracle_from_a_sweep_json(tiny, tmp_path) -> None:
     try:
         _, info = env.reset(seed=0)
         assert info["oracle_throughput"] == 1234.5
-        assert info["oracle_allocation"] == [2, 1, 1, 1, 1]
+        assert info["oracle_allocation"] == (2, 1, 1, 1, 1)
     finally:
         env.close()
     with pytest.raises(ValueError, match="oracle"):

@@ -83,6 +83,6 @@ def test_oracle_applies_the_oracle_allocation_and_reaches_it() -> None:
     agent = OracleAgent()
     obs, info = env.reset(seed=0)
     choice = agent.act(obs, info)
-    assert isinstance(choice, Allocation) and list(choice) == info["oracle_allocation"]
+    assert isinstance(choice, Allocation) and list(choice) == list(info["oracle_allocation"])
     trace = run_episode(env, OracleAgent(), seed=0, max_steps=100)
     assert np.nanmean(trace.fraction[50:]) > 0.95

@@ -1,0 +1,205 @@
+"""Steps per second of InTune-v0 against Gymnasium's CartPole, side by side in one run.
+
+    python benchmarks/step_rate.py            # env tables, then SB3 training rates
+    python benchmarks/step_rate.py --no-sb3   # env tables only
+
+Every env is stepped with pre-drawn uniform random actions (plain ints for single envs,
+int64 arrays for batched ones), resetting (single) or autoresetting (batched) as an
+agent would. To be fair on a shared, noisy machine, each pair (candidate, reference) is
+measured in alternating chunks over several rounds; the table reports the median of
+each env's per-round rate and the median of the per-round ratios.
+
+Rows:
+
+- single: ``gym.make(id)`` with its default wrappers (TimeLimit, OrderEnforcing,
+  PassiveEnvChecker), one env;
+- batched: ``gym.make_vec(id, num_envs=N)``: Gymnasium's ``CartPoleVectorEnv`` and our
+  ``InTuneVectorEnv`` (both registered ``vector_entry_point``); for context
+  ``SyncVectorEnv`` over single InTune envs;
+- SB3: PPO and A2C training throughput (``model.learn`` timesteps/s, rollouts and
+  updates, torch on one thread) on the batched env through
+  ``intune_env.sb3_vecenv.SB3VecEnv`` versus SB3's ``DummyVecEnv`` over single envs, same
+  number of envs and hyper-parameters, in alternating halves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+import intune_env  # noqa: F401  (registers InTune-v0)
+
+Runner = Callable[[int], None]
+
+
+def single_runner(env_id: str, seed: int = 0, **kwargs: Any) -> Runner:
+    """A function stepping ``gym.make(env_id)`` n times with pre-drawn random actions."""
+    env = gym.make(env_id, **kwargs)
+    actions = np.random.default_rng(seed).integers(0, env.action_space.n, 1 << 16).tolist()
+    env.reset(seed=seed)
+    state = {"i": 0}
+
+    def run(n: int) -> None:
+        i = state["i"]
+        step, reset = env.step, env.reset
+        for _ in range(n):
+            _, _, term, trunc, _ = step(actions[i])
+            i = (i + 1) & 0xFFFF
+            if term or trunc:
+                reset()
+        state["i"] = i
+
+    return run
+
+
+def vector_runner(env_id: str, num_envs: int, seed: int = 0, **kwargs: Any) -> Runner:
+    """A function stepping ``gym.make_vec(env_id, num_envs)`` n times (autoreset)."""
+    env = gym.make_vec(env_id, num_envs=num_envs, **kwargs)
+    n_actions = int(env.single_action_space.n)
+    actions = np.random.default_rng(seed).integers(0, n_actions, (256, num_envs))
+    env.reset(seed=seed)
+    state = {"i": 0}
+
+    def run(n: int) -> None:
+        i = state["i"]
+        step = env.step
+        for _ in range(n):
+            step(actions[i])
+            i = (i + 1) & 0xFF
+        state["i"] = i
+
+    return run
+
+
+def paired(cand: Runner, ref: Runner, steps_cand: int, steps_ref: int, per_step: int,
+           rounds: int) -> tuple[float, float, float]:
+    """(candidate steps/s, reference steps/s, median ratio) over alternating rounds."""
+    cand(max(1, steps_cand // 10))  # warm up (first-call checks, caches)
+    ref(max(1, steps_ref // 10))
+    rc, rr, ratios = [], [], []
+    for k in range(rounds):
+        order = [(cand, steps_cand, rc), (ref, steps_ref, rr)]
+        if k % 2:
+            order.reverse()
+        for fn, n, out in order:
+            t0 = time.perf_counter()
+            fn(n)
+            out.append(n * per_step / (time.perf_counter() - t0))
+        ratios.append(rc[-1] / rr[-1])
+    return statistics.median(rc), statistics.median(rr), statistics.median(ratios)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"numpy {np.__version__}, gymnasium {gym.__version__}, load avg {load:.1f}")
+
+
+def env_table(rounds: int, num_envs: int) -> list[tuple[str, int, float, str]]:
+    rows: list[tuple[str, int, float, str]] = []
+    # single env, gym.make with default wrappers
+    intune, cartpole = single_runner("InTune-v0"), single_runner("CartPole-v1")
+    c, r, ratio = paired(intune, cartpole, 2000, 2000, 1, 2 * rounds)
+    rows += [("CartPole-v1 (gym.make)", 1, r, "1.00 (reference)"),
+             ("InTune-v0 (gym.make)", 1, c, f"{ratio:.2f}")]
+    # batched: make_vec default (vector_entry_point) for both
+    t0 = time.perf_counter()
+    gym.make_vec("InTune-v0", num_envs=num_envs)
+    create_s = time.perf_counter() - t0
+    vin, vcp = vector_runner("InTune-v0", num_envs), vector_runner("CartPole-v1", num_envs)
+    # Chunks of one noise-refill period: every chunk pays one refill of every sub-env
+    # (see PROFILE.md), so per-chunk rates are comparable.
+    period = gym.make_vec("InTune-v0", num_envs=num_envs).unwrapped.noise_refill_period
+    c, r, ratio = paired(vin, vcp, period, period, num_envs, rounds)
+    rows += [("CartPole-v1 (make_vec: CartPoleVectorEnv)", num_envs, r, "1.00 (reference)"),
+             ("InTune-v0 (make_vec: InTuneVectorEnv)", num_envs, c, f"{ratio:.2f}")]
+    sync_n = 16
+    vsync = vector_runner("InTune-v0", sync_n, vectorization_mode="sync")
+    c2, r2, ratio2 = paired(vsync, vcp, 200, 50, sync_n, max(3, rounds // 3))
+    rows.append(("InTune-v0 (make_vec sync: SyncVectorEnv)", sync_n, c2,
+                 f"{ratio2:.2f} (vs CartPoleVectorEnv N={num_envs})"))
+    rows.append((f"make_vec('InTune-v0', num_envs={num_envs}) creation", num_envs,
+                 float("nan"), f"{create_s * 1000:.0f} ms"))
+    return rows
+
+
+def sb3_table(timesteps: int, n_envs: int) -> list[tuple[str, str, int, float, str]]:
+    import torch
+    from stable_baselines3 import A2C, PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from intune_env.sb3_vecenv import make_sb3_vec_env
+
+    torch.set_num_threads(1)  # small MLPs: threads only contend on a 2-CPU machine
+    dummy, ours = "DummyVecEnv (single envs)", "SB3VecEnv (InTuneVectorEnv)"
+    makers = {dummy: lambda: DummyVecEnv([lambda: gym.make("InTune-v0")] * n_envs),
+              ours: lambda: make_sb3_vec_env(num_envs=n_envs)}
+    rows: list[tuple[str, str, int, float, str]] = []
+    for algo, kwargs in ((PPO, {"n_steps": 128, "batch_size": 256, "n_epochs": 4}),
+                         (A2C, {"n_steps": 8})):
+        rates: dict[str, list[float]] = {dummy: [], ours: []}
+        models = {}
+        for label, make in makers.items():
+            models[label] = algo("MlpPolicy", make(), seed=0, device="cpu", verbose=0,
+                                 **kwargs)
+            models[label].learn(total_timesteps=max(1, timesteps // 8))  # warm up
+        for k in range(2):  # alternate, half the timesteps each time
+            for label in (dummy, ours) if k == 0 else (ours, dummy):
+                t0 = time.perf_counter()
+                models[label].learn(total_timesteps=timesteps // 2, reset_num_timesteps=False)
+                rates[label].append(timesteps // 2 / (time.perf_counter() - t0))
+        base = statistics.mean(rates[dummy])
+        for label in (dummy, ours):
+            rate = statistics.mean(rates[label])
+            rows.append((algo.__name__, label, n_envs, rate, f"{rate / base:.2f}"))
+        for model in models.values():
+            model.get_env().close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15,
+                    help="alternating rounds per pair (twice as many for single envs)")
+    ap.add_argument("--num-envs", type=int, default=1024, help="batched envs")
+    ap.add_argument("--no-sb3", action="store_true", help="skip the SB3 training rates")
+    ap.add_argument("--sb3-timesteps", type=int, default=32768)
+    ap.add_argument("--sb3-envs", type=int, default=16)
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.num_envs < 1 or args.sb3_timesteps < 1 or args.sb3_envs < 1:
+        print("step_rate: --rounds, --num-envs, --sb3-timesteps and --sb3-envs must be >= 1",
+              file=sys.stderr)
+        return 2
+    print(f"machine: {machine()}")
+    print(f"{'env':<46}{'num_envs':>9}{'steps/s':>14}  ratio to CartPole reference")
+    for name, n, rate, ratio in env_table(args.rounds, args.num_envs):
+        shown = "" if rate != rate else f"{rate:,.0f}"
+        print(f"{name:<46}{n:>9}{shown:>14}  {ratio}")
+    if not args.no_sb3:
+        print()
+        print(f"{'algo':<6}{'vec env':<30}{'n_envs':>7}{'train steps/s':>15}  vs DummyVecEnv")
+        for algo, label, n, rate, ratio in sb3_table(args.sb3_timesteps, args.sb3_envs):
+            print(f"{algo:<6}{label:<30}{n:>7}{rate:>15,.0f}  {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
