@@ -134,7 +134,7 @@ def _attach(module: str, names: dict[str, str]) -> None:
         main.add_command(getattr(mod, attr), cmd_name)
 
 
-# INTEGRATION: _attach("agents.cli", {"train": "train", "eval_cmd": "eval", "compare": "compare"})
+_attach("agents.cli", {"train": "train", "eval_cmd": "eval", "compare": "compare"})
 _attach("intune_env.live.cli", {"calibrate": "calibrate", "live_sweep": "live-sweep"})
 
 if __name__ == "__main__":
