@@ -68,8 +68,8 @@ def scenarios_show(scenario: str) -> None:
         click.echo(f"{st.name:<12}{st.kind:<8}{st.rate_per_cpu:>10,.0f}{st.max_cpus:>5}{cap:>10}"
                    f"{st.worker_memory_mib:>9g}{st.element_kib:>8g}{st.buffer:>8}"
                    f"{best.allocation[i]:>8}")
-    click.echo(f"oracle: {best.throughput:,.0f} samples/s with {sum(best.allocation)} CPUs, "
-               f"{best.memory_bytes / GIB:.1f} GiB worst case")
+    click.echo(f"oracle: {best.throughput:,.0f} samples/s with {sum(best.allocation)} threads "
+               f"on {m.cpus} CPUs, {best.memory_bytes / GIB:.1f} GiB worst case")
     for ev in sc.events:
         cond = cond.apply(ev)
         after = oracle(cond)

@@ -285,6 +285,8 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
             if ds > 0:
                 self._element_bytes[i] = round((c1.out_bytes[i] - c0.out_bytes[i]) / ds)
         oom = bool(pipe.oom or c1.peak_memory_bytes > self.memory_capacity_bytes)
+        if oom:  # the job has crashed: stop it even if the monitor had not yet sampled
+            pipe.halt()
         memory = int(c1.memory_bytes)
         mem_frac = memory / self.memory_capacity_bytes
         thr_frac = throughput / self.gpu_rate

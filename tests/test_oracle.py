@@ -21,14 +21,15 @@ from simulators.oracle import solve
 
 
 def brute_force(cond: Conditions) -> tuple[float, int, list[tuple[int, ...]]]:
-    """Best throughput, least worst-case memory at it, and every allocation achieving both."""
+    """Best throughput, least worst-case memory at it, and every allocation achieving both.
+
+    Every allocation counts, oversubscribed ones too: the simulator time-slices them.
+    """
     comp = compile_conditions(cond)
     budget = cond.memory_capacity_bytes - cond.fixed_memory_bytes
     best: tuple[float, int] | None = None
     winners: list[tuple[int, ...]] = []
     for alloc in itertools.product(*[range(1, m + 1) for m in comp.max_cpus]):
-        if sum(alloc) > cond.cpus:
-            continue
         mem = sum(comp.worst_memory[i][k] for i, k in enumerate(alloc))
         if mem > budget:
             continue
@@ -86,12 +87,41 @@ def test_oracle_equals_brute_force_on_small_machines() -> None:
 
 
 def test_oracle_on_hand_computed_small_case(small: dict) -> None:
-    # read 20k/CPU (max 4), shuffle 90k (1 CPU), transform 15k/CPU, 6 CPUs, GPU 100k:
-    # 2 read + 1 shuffle + 3 transform = 40k vs 3+1+2 = 30k vs 2+1+2... best is 40k
-    # at [2, 1, 3]; [3, 1, 2] gives 30k.
+    # read 20k/CPU (max 4), shuffle 90k (1 CPU), transform 15k/CPU, 6 CPUs, GPU 100k.
+    # Within 6 CPUs the best split is [2, 1, 3] (40k; [3, 1, 2] gives 30k). Time-sliced,
+    # [3, 1, 4] (8 threads on 6 CPUs) gets (6/8) / (1 + 0.1 * (8/6 - 1)) of each
+    # thread: min(60k, 90k, 60k) * 0.7258 = 43.5k, and no other total does better.
     res = oracle(Conditions.initial(load_scenario(small)))
-    assert res.allocation == (2, 1, 3)
-    assert res.throughput == 40000
+    assert res.allocation == (3, 1, 4)
+    assert res.throughput == pytest.approx(60000 * (6 / 8) / (1 + 0.1 * (8 / 6 - 1)))
+    assert solve_within_machine(Conditions.initial(load_scenario(small))) == 40000
+
+
+def test_oracle_uses_time_slicing_when_it_pays() -> None:
+    # After machine-resize shrinks 32 CPUs to 16, no integer split of 16 beats 160k/s,
+    # but 21 threads time-sliced on 16 CPUs (fractional CPUs per stage) do: the oracle
+    # finds it, and holding it in the simulator delivers it.
+    scen = load_scenario("machine-resize")
+    cond = Conditions.initial(scen).apply(scen.events[0])
+    res = oracle(cond)
+    assert sum(res.allocation) > 16
+    within = solve_within_machine(cond)
+    assert res.throughput > within > 0
+    sim = PipelineSim(scen, noise_cv=0.0)
+    sim.reset(np.random.default_rng(0), list(res.allocation))
+    for _ in range(350):  # past the resize at 600 s
+        sim.step()
+    assert sim.cpus == 16
+    assert sim.throughput == pytest.approx(res.throughput, rel=1e-4)
+
+
+def solve_within_machine(cond: Conditions) -> float:
+    comp = compile_conditions(cond)
+    best = 0.0
+    for alloc in itertools.product(*[range(1, min(m, cond.cpus) + 1) for m in comp.max_cpus]):
+        if sum(alloc) <= cond.cpus:
+            best = max(best, static_throughput(comp, cond, list(alloc)))
+    return best
 
 
 @pytest.mark.parametrize("scenario", ["dlrm-criteo", "memory-tight", "large-96",
@@ -122,9 +152,7 @@ def test_no_static_allocation_beats_the_oracle_in_simulation(small: dict) -> Non
     cond = Conditions.initial(scen)
     best = oracle(cond)
     beaten = 0
-    for alloc in itertools.product(range(1, 5), range(1, 2), range(1, 7)):
-        if sum(alloc) > 6:
-            continue
+    for alloc in itertools.product(range(1, 5), range(1, 2), range(1, 7)):  # up to 11 on 6
         sim = PipelineSim(scen)
         sim.reset(np.random.default_rng(0), list(alloc))
         for _ in range(40):
@@ -133,7 +161,7 @@ def test_no_static_allocation_beats_the_oracle_in_simulation(small: dict) -> Non
             continue
         beaten += sim.throughput > best.throughput * (1 + 1e-9)
         if list(alloc) == list(best.allocation):
-            assert sim.throughput == pytest.approx(best.throughput, rel=1e-6)
+            assert sim.throughput == pytest.approx(best.throughput, rel=1e-4)  # floor(count)
     assert beaten == 0
 
 
@@ -142,7 +170,9 @@ def test_oracle_is_cached_and_fast_on_every_builtin(scenario: str) -> None:
     cond = Conditions.initial(load_scenario(scenario))
     first = oracle(cond)
     assert oracle(cond) is first  # cached per conditions
-    assert sum(first.allocation) <= cond.cpus and first.feasible
+    assert first.feasible and first.memory_bytes <= cond.memory_capacity_bytes
+    # time-slicing may add a few threads, never many: the share falls with every one
+    assert sum(first.allocation) <= cond.cpus * 1.1
 
 
 def test_oracle_exact_at_128_cpus_8_stages_quickly() -> None:
@@ -157,8 +187,16 @@ def test_oracle_exact_at_128_cpus_8_stages_quickly() -> None:
     t = time.perf_counter()
     res = solve(comp, cond)
     elapsed = time.perf_counter() - t
-    assert sum(res.allocation) <= 128
-    # local optimality: moving one CPU between any two stages never helps
+    assert sum(res.allocation) <= 128 * 1.1
+    # local optimality: moving one CPU between any two stages never helps, nor does
+    # adding or removing one
+    base = static_throughput(comp, cond, list(res.allocation))
+    for i in range(8):
+        for delta in (-1, 1):
+            alloc = list(res.allocation)
+            alloc[i] += delta
+            if 1 <= alloc[i] <= 128:
+                assert static_throughput(comp, cond, alloc) <= base
     base = static_throughput(comp, cond, list(res.allocation))
     for i in range(8):
         for j in range(8):

@@ -110,7 +110,7 @@ def test_cli_lists_and_shows() -> None:
         assert name in out.output
     out = runner.invoke(main, ["scenarios", "show", "machine-resize"])
     assert out.exit_code == 0
-    assert "oracle: 347,826 samples/s" in out.output
+    assert "oracle: 348,003 samples/s with 33 threads on 32 CPUs" in out.output
     assert "event at_s=600.0, cpus=16" in out.output
 
 
