@@ -11,6 +11,11 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   machine is oversubscribed and smoothed by an exponential moving average (``rate_ema``);
   capacity with ``k`` CPUs is estimated as ``rate * k``. Scaling down is conservative for
   concave stages (contention, bandwidth caps), so slack is never over-estimated;
+- time-slicing: ``total`` workers on ``cpus`` CPUs each get a share
+  ``(cpus / total) / (1 + overhead * (total / cpus - 1))`` of a CPU. ``overhead`` (context
+  switches) is fitted by least squares after the machine is resized, from each stage's
+  per-CPU rate measured after the resize divided by its rate just before (same CPUs for
+  the stage, so only the share differs);
 - memory: ``static = memory_bytes - sum(buffer_levels * element_bytes)`` is the memory of
   workers, fixed state and everything outside the pipeline; it changes only when CPUs
   change (or an event happens), so after a one-CPU move on stage ``i`` the change of
@@ -38,7 +43,9 @@ throughput / gpu_rate - memory_weight * worst-case memory / capacity``: both all
 are valued with the rates measured *after* the move, so a no-op earns exactly 0 and
 neither noise nor events between two steps enter the reward (``-oom_penalty`` on an
 out-of-memory crash after a ``give``; a crash after a no-op or a release was caused by
-memory the agent did not add, and is not learnt from). A sum of changes telescopes
+memory the agent did not add, and is not learnt from, nor is one after a ``give`` that
+would have happened without the worker and prefetch the give was predicted to add, such
+as a co-tenant arriving in the same step). A sum of changes telescopes
 (``sum(discount**t * (x[t+1] - x[t])) = (1 - discount) / discount * sum(discount**t * x[t])
 - x[0]``), so the best policy is the one for the level ``x``, but the signal does not
 carry the throughput level, which differs between scenarios and aliased states and would
@@ -51,7 +58,21 @@ not fit, the agent first *probes* (releases one CPU of the stage and measures th
 freed) instead of guessing; probes are not learnt from. A one-CPU stage cannot be probed:
 it is assumed to need at most ``unknown_worker_fraction`` of the memory, or twice the
 largest worker measured. If the current allocation's worst case exceeds the limit (a
-co-tenant arrived) or the machine is oversubscribed (it shrank), a ``take`` is forced.
+co-tenant arrived), a ``take`` is forced.
+
+Oversubscription. The env never adds a CPU while none is free, so after the machine
+shrinks the agent can only keep or release CPUs, and releasing is irreversible until the
+allocation fits again: oversubscribed states are never explored. The agent values, with
+its objective under the measured share, the best split of the machine's CPUs (reached by
+shedding until the allocation fits, then tuning as usual) and the best time-sliced plan
+with no stage above its current CPUs (time-sliced workers can beat every split: they are
+fractional CPUs per stage). It sheds towards the split if that is at least as good;
+otherwise it releases one CPU per step towards the plan while the plan beats the current
+allocation by more than ``slack_margin``, and else does nothing. Until the overhead has
+been measured it sheds until the allocation fits. Known limit: capacity is extrapolated
+linearly from the current per-CPU rate, so a stage whose per-thread rate rises as threads
+are released (contention) is undervalued with fewer threads, and the agent may keep more
+time-sliced threads than the best allocation has.
 
 Table files are JSON with a ``format_version`` field, written atomically (temporary file in
 the same folder, then ``os.replace``); a corrupt, truncated, wrong-version or wrong-shape
@@ -60,6 +81,7 @@ file raises :class:`QTableError` (a ``ValueError``) naming the file and the faul
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -131,6 +153,8 @@ class Perception:
     take_stage: int  # most over-provisioned stage with > 1 CPU (-1 if none)
     probe: bool  # give needs a memory probe first (remove one CPU from give_stage)
     critical: bool  # current worst case already above the memory limit
+    shed: bool  # oversubscribed and releasing ``take_stage`` moves towards a better plan
+    give_bytes: float  # memory a give is predicted to add (worker + prefetch; 0 if none)
     allocation: tuple[int, ...]
     worst_fraction: float  # predicted worst-case memory / capacity
 
@@ -191,6 +215,42 @@ class _Estimator:
         self.prev_static: float | None = None
         self.prev_bufcap: list[int] | None = None
         self.prev_cpus: int | None = None
+        # time-slicing overhead, fitted after a resize (None: never measured)
+        self.overhead: float | None = None
+        self._slice_sxx = self._slice_sxy = 0.0
+        self._slice_ref: list[float] = []  # per-CPU rates just before the resize
+        self._slice_alloc: list[int] = []  # the allocation they were measured with
+        self._slice_step = -self.MEMORY_STEPS
+
+    def share(self, alloc: Sequence[int], cpus_total: int) -> float:
+        """Estimated fraction of a dedicated CPU's rate each worker of ``alloc`` gets."""
+        return time_share(alloc, cpus_total, self.overhead or 0.0)
+
+    def _fit_overhead(self, alloc: list[int], cpus_total: int, busy: Sequence[float],
+                      processed: Sequence[float]) -> None:
+        """Fit the time-slicing overhead from the per-CPU rates measured across a resize.
+
+        A worker's measured rate divided by its stage's rate just before the resize (same
+        CPUs for the stage, so contention is unchanged) is the share ``s`` it now gets.
+        The model ``s = (cpus / total) / (1 + overhead * x)`` with ``x = total / cpus - 1``
+        gives ``y = (cpus / total) / s - 1 = overhead * x``, fitted by least squares over
+        every such sample of the ``MEMORY_STEPS`` steps after the resize (small ``x``,
+        which says little, weighs little).
+        """
+        total = sum(alloc)
+        if total <= cpus_total or self.step - self._slice_step > self.MEMORY_STEPS:
+            return
+        x = total / cpus_total - 1
+        for i in range(self.n):
+            ref = self._slice_ref[i]
+            if (alloc[i] != self._slice_alloc[i] or not math.isfinite(ref) or ref <= 0
+                    or busy[i] <= 0 or processed[i] <= 0):
+                continue
+            s = processed[i] / busy[i] / ref
+            self._slice_sxx += x * x
+            self._slice_sxy += x * (cpus_total / total / s - 1)
+        if self._slice_sxx > 0:
+            self.overhead = max(0.0, self._slice_sxy / self._slice_sxx)
 
     def update(self, info: dict[str, Any]) -> None:
         """Fold one step's measurements into the estimates."""
@@ -201,9 +261,14 @@ class _Estimator:
         processed = info["stage_processed"]
         cpus_total = int(info["cpus_total"])
         resized = self.prev_cpus is not None and cpus_total != self.prev_cpus
-        share = time_share(alloc, cpus_total)
         prev = self.prev_alloc
         self.step += 1
+        if resized and prev is not None:
+            # dedicated-CPU rates before the resize: the reference for the share after it
+            self._slice_ref, self._slice_alloc = list(self.rate), list(prev)
+            self._slice_step, self._slice_sxx, self._slice_sxy = self.step, 0.0, 0.0
+        self._fit_overhead(alloc, cpus_total, busy, processed)
+        share = self.share(alloc, cpus_total)
         for i in range(self.n):
             if resized:
                 self.history[i] = []
@@ -328,15 +393,21 @@ class _Estimator:
     def throughput(self, alloc: Sequence[int], cpus_total: int, gpu_rate: float,
                    now: Sequence[int]) -> float:
         """Estimated steady throughput of ``alloc`` (rates measured holding ``now``)."""
-        share = time_share(alloc, cpus_total)
+        share = self.share(alloc, cpus_total)
         slowest = min(self.capacity(i, k, now[i]) for i, k in enumerate(alloc)) * share
         return min(1.0, slowest / gpu_rate) if math.isfinite(slowest) else 0.0
 
 
-def time_share(alloc: Sequence[int], cpus_total: int) -> float:
-    """Fraction of a CPU each worker gets when ``sum(alloc)`` workers share the machine."""
+def time_share(alloc: Sequence[int], cpus_total: int, overhead: float = 0.0) -> float:
+    """Fraction of a CPU's rate each worker keeps when ``sum(alloc)`` workers share the machine.
+
+    Time-slicing gives each worker ``cpus_total / total`` of a CPU, of which context
+    switches cost a further ``overhead`` per 100% of oversubscription.
+    """
     total = sum(alloc)
-    return 1.0 if total <= cpus_total else cpus_total / total
+    if total <= cpus_total:
+        return 1.0
+    return cpus_total / total / (1.0 + overhead * (total / cpus_total - 1.0))
 
 
 class QLearningAgent(Agent):
@@ -362,8 +433,8 @@ class QLearningAgent(Agent):
         learn: update the table in :meth:`observe` (``False`` freezes it and stops
             exploring: a purely greedy policy).
         optimistic_init: initial Q-value of an empty table (optimism drives exploration).
-        safe_exploration: random exploration never releases a CPU that is not slack
-            (unless the machine is oversubscribed); pretraining turns it off.
+        safe_exploration: random exploration never releases a CPU that is not slack;
+            pretraining turns it off.
         unknown_worker_fraction: per-worker memory assumed (as a fraction of capacity) for
             a one-CPU stage whose workers were never measured and cannot be probed.
     """
@@ -445,13 +516,13 @@ class QLearningAgent(Agent):
         n = len(alloc)
         gpu_rate = float(info["gpu_rate"])
         cpus_total = int(info["cpus_total"])
-        share = time_share(alloc, cpus_total)
+        share = est.share(alloc, cpus_total)
         caps = [est.capacity(i, alloc[i]) * share for i in range(n)]
         b = min(range(n), key=caps.__getitem__)
         gpu_bound = caps[b] >= gpu_rate * (1 - self.gpu_tolerance)
         target = gpu_rate if gpu_bound else caps[b]
         free = cpus_total - sum(alloc)
-        share_less = time_share([*alloc[:-1], alloc[-1] - 1], cpus_total)
+        share_less = est.share([*alloc[:-1], alloc[-1] - 1], cpus_total)
         # take: the stage that keeps the most capacity relative to the target with one
         # CPU fewer (the bottleneck itself only as a last resort).
         best, best_over = -1, -math.inf
@@ -478,6 +549,7 @@ class QLearningAgent(Agent):
         critical = worst > limit
         probe = False
         fits = True
+        give_bytes = 0.0
         if not gpu_bound:
             w = est.worker_bytes[b]
             dbuf = est.buffer_per_cpu[b]
@@ -493,7 +565,8 @@ class QLearningAgent(Agent):
                 w_hi = min(w_hi, max(self.unknown_worker_fraction * capacity,
                                      2 * max(seen, default=0.0)))
             dbuf_hi = dbuf if dbuf is not None else est.bufcap[b] / alloc[b]
-            fits = worst + w_hi + dbuf_hi * elem[b] <= limit
+            give_bytes = w_hi + dbuf_hi * elem[b]
+            fits = worst + give_bytes <= limit
             if not fits and (w is None or dbuf is None) and alloc[b] > 1:
                 probe, fits = True, True  # measure before deciding
         blocked = alloc[b] >= max_cpus[b] or (
@@ -504,6 +577,9 @@ class QLearningAgent(Agent):
         # merging keeps rare states (and their under-trained values) out of the table.
         f_m = 2 if critical else (0 if fits or f_c != 0 else 1)
         feats = (f_b, f_c, int(slack), f_m)
+        shed = False
+        if f_c == 2 and take_stage >= 0:
+            shed, take_stage = self._shed_move(alloc, take_stage, info, worst)
         valid = np.zeros(N_ACTIONS, dtype=bool)
         valid[NOOP] = True
         valid[GIVE] = f_b == 1 and free > 0 and fits and not critical
@@ -511,10 +587,73 @@ class QLearningAgent(Agent):
         if f_b == 1 and free > 0 and not fits and not critical:
             self.shield_blocks += 1
         p = Perception(state=state_index(feats), features=feats, valid=valid, give_stage=b,
-                       take_stage=take_stage, probe=probe, critical=critical,
+                       take_stage=take_stage, probe=probe, critical=critical, shed=shed,
+                       give_bytes=give_bytes,
                        allocation=tuple(alloc), worst_fraction=worst / capacity)
         self._cache_info, self._cache = info, p
         return p
+
+    def _shed_move(self, alloc: list[int], fallback: int, info: dict[str, Any],
+                   worst: float) -> tuple[bool, int]:
+        """Oversubscribed: ``(shed?, stage)``, the next release towards the best reachable plan.
+
+        No CPU can be added back while oversubscribed. Candidates, valued with the
+        objective of :meth:`action_effect` (estimated throughput under the measured
+        time-slicing share, minus the memory term, counting a released worker's memory
+        and prefetch where measured): the best split of the machine's CPUs (reached by
+        shedding until the allocation fits; the table rebalances afterwards) and the best
+        plan with at most ``alloc`` CPUs per stage. Single releases may all lose (every
+        stage a near bottleneck) while several together win, hence plans rather than
+        one-step look-ahead: as in the oracle, for each candidate bottleneck level every
+        stage gets the fewest CPUs that reach it. The stage furthest above the chosen
+        allocation releases a CPU: towards the split if it is at least as good as the
+        plan, else towards the plan while it beats the current allocation by more than
+        ``slack_margin`` (relative). Re-planned every step with the latest rates. With the
+        overhead not measured yet, oversubscription is not trusted: release ``fallback``.
+        """
+        est = self._est
+        n = len(alloc)
+        if est.overhead is None:
+            return True, fallback
+        cpus, gpu = int(info["cpus_total"]), float(info["gpu_rate"])
+        capacity = float(info["memory_capacity_bytes"])
+        elem = info["element_bytes"]
+        freed = [(est.worker_bytes[j] or 0.0) + (est.buffer_per_cpu[j] or 0.0) * elem[j]
+                 for j in range(n)]
+
+        def objective(a: list[int]) -> float:
+            mem = worst - sum((alloc[j] - a[j]) * freed[j] for j in range(n))
+            return est.throughput(a, cpus, gpu, alloc) - self.memory_weight * mem / capacity
+
+        def best(limits: list[int], budget: float) -> tuple[float, list[int] | None]:
+            """Best allocation with at most ``limits`` CPUs per stage and ``budget`` in all."""
+            tabs = [None if not math.isfinite(est.rate[j]) else
+                    [est.capacity(j, k, alloc[j]) for k in range(1, limits[j] + 1)]
+                    for j in range(n)]
+            best_x, plan = -math.inf, None
+            for level in sorted({c for t in tabs if t is not None for c in t}):
+                need = [min(alloc[j], limits[j]) if t is None else bisect.bisect_left(t, level) + 1
+                        for j, t in enumerate(tabs)]
+                if any(k > m for k, m in zip(need, limits, strict=True)) or sum(need) > budget:
+                    continue  # some stage cannot reach this level within the CPUs
+                x = objective(need)
+                if x > best_x:
+                    best_x, plan = x, need
+            return best_x, plan
+
+        x_now = objective(alloc)
+        # Shedding until the allocation fits lets the table rebalance afterwards: compare
+        # the best split of the machine's CPUs with the best time-sliced plan.
+        max_cpus = [int(m) for m in info["max_cpus"]]
+        x_fit, fit = best(max_cpus, cpus)
+        x_sub, sub = best(alloc, math.inf)
+        if fit is not None and x_fit >= max(x_sub, x_now):
+            return True, max(range(n), key=lambda j: alloc[j] - fit[j])
+        # Releases cannot be undone: move only for a clear gain, so that noise in the
+        # rates does not pick among near-equal plans and walk past the best one.
+        if sub is None or x_sub - x_now <= self.slack_margin * abs(x_now):
+            return False, fallback
+        return True, max(range(n), key=lambda j: alloc[j] - sub[j])
 
     # --- Agent API -----------------------------------------------------------------
     def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
@@ -536,13 +675,18 @@ class QLearningAgent(Agent):
         p = self._perceive(info)
         n = len(info["allocation"])
         eps = self.epsilon.value(self.steps) if self.learning else 0.0
-        if (p.critical or p.features[1] == 2) and p.valid[TAKE]:
-            # Shield: shed memory now if the worst case is over the limit; shed CPUs while
-            # the machine is oversubscribed (after it shrank). Learnt from (off-policy).
+        if p.critical and p.valid[TAKE]:
+            # Shield: shed memory now if the worst case is over the limit. Learnt from
+            # (off-policy).
             a, learnable = TAKE, True
+        elif p.features[1] == 2:
+            # Oversubscribed (the machine shrank): no CPU can be given back, so a release
+            # is never explored; shed a CPU only while the model says it pays (see
+            # _shed_move). Learnt from (off-policy).
+            a, learnable = (TAKE if p.shed else NOOP), True
         elif self.rng.random() < eps:
             explore = p.valid.copy()
-            if self.safe_exploration and p.features[1] != 2 and not p.features[2]:
+            if self.safe_exploration and not p.features[2]:
                 # Releasing a CPU that is not slack costs throughput for certain; deployed
                 # exploration does not try it (the greedy policy still may, and learns).
                 explore[TAKE] = False
@@ -574,7 +718,8 @@ class QLearningAgent(Agent):
         if not (self.learning and learnable):
             return
         if terminated and next_info.get("oom", False):
-            if a != GIVE:
+            over = float(next_info["memory_bytes"]) - float(next_info["memory_capacity_bytes"])
+            if a != GIVE or over > p.give_bytes:
                 # Memory the agent did not add (a co-tenant, a shrinking machine) crashed
                 # the job: nothing this action could have avoided, so nothing to learn.
                 return
@@ -635,7 +780,8 @@ class QLearningAgent(Agent):
         """(state, greedy action, visits) of every visited state, for reports.
 
         ``give`` counts as possible only where the state allows it (a stage bottleneck,
-        free CPUs, memory fits), as at run time.
+        free CPUs, memory fits), as at run time. Oversubscribed states show ``plan``:
+        there the shedding plan decides (``take`` or ``noop``), not the table.
         """
         out = []
         for s in range(N_STATES):
@@ -645,7 +791,8 @@ class QLearningAgent(Agent):
             qs = self.q[s].copy()
             if not (f[0] == 1 and f[1] == 0 and f[3] == 0):
                 qs[GIVE] = -np.inf
-            out.append((describe_state(s), ACTIONS[int(np.argmax(qs))],
+            action = "plan" if f[1] == 2 else ACTIONS[int(np.argmax(qs))]
+            out.append((describe_state(s), action,
                         int(self.visits[s].sum())))
         return out
 
