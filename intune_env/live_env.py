@@ -24,6 +24,7 @@ from intune_env.live.pipeline import (
     LivePipeline,
     PipelineConfig,
 )
+from simulators.pipeline import check_allocation
 
 MIB = 1024**2
 GPU = "gpu"
@@ -367,14 +368,7 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
         """
         if self._pipeline is None:
             raise RuntimeError("call reset() before set_allocation()")
-        alloc = [int(k) for k in allocation]
-        if len(alloc) != self.n:
-            raise ValueError(f"allocation needs {self.n} values ({', '.join(STAGES)}), "
-                             f"got {alloc}")
-        for name, k, hi in zip(STAGES, alloc, self.max_workers, strict=True):
-            if not 1 <= k <= hi:
-                raise ValueError(f"allocation: stage {name!r} has {k} workers; "
-                                 f"expected 1..{hi}")
+        alloc = check_allocation(allocation, self.max_workers, STAGES)
         if not self._pipeline.halted:
             self._pipeline.set_allocation(alloc)
 

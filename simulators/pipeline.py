@@ -59,6 +59,20 @@ def noise_block(rng: np.random.Generator, n_stages: int, noise_cv: float) -> np.
     return 1.0 + (noise_cv * NOISE_SCALE) * (2.0 * u - 1.0)
 
 
+def check_allocation(allocation: Sequence[int], max_cpus: Sequence[int],
+                     stage_names: Sequence[str]) -> list[int]:
+    """``allocation`` as a list of ints, or a clear ``ValueError``: one entry per stage,
+    each within ``1..max_cpus`` (the total is not checked: oversubscription is allowed)."""
+    alloc = [int(k) for k in allocation]
+    if len(alloc) != len(stage_names):
+        raise ValueError(f"allocation has {len(alloc)} entries; the pipeline has "
+                         f"{len(stage_names)} stages ({', '.join(stage_names)})")
+    for name, k, hi in zip(stage_names, alloc, max_cpus, strict=True):
+        if not 1 <= k <= hi:
+            raise ValueError(f"allocation for stage {name!r} is {k}; expected 1..{hi}")
+    return alloc
+
+
 class PipelineSim:
     """One simulated pipeline. Knows nothing of Gymnasium.
 
@@ -170,14 +184,7 @@ class PipelineSim:
 
     def set_allocation(self, allocation: Sequence[int]) -> None:
         """Hold ``allocation`` from now on. Oversubscription is allowed (and degraded)."""
-        alloc = [int(k) for k in allocation]
-        if len(alloc) != self.n:
-            raise ValueError(f"allocation has {len(alloc)} entries; the pipeline has {self.n} "
-                             f"stages ({', '.join(self.stage_names)})")
-        for name, k, hi in zip(self.stage_names, alloc, self.max_cpus, strict=True):
-            if not 1 <= k <= hi:
-                raise ValueError(f"allocation for stage {name!r} is {k}; expected 1..{hi}")
-        self.allocation = alloc
+        self.allocation = check_allocation(allocation, self.max_cpus, self.stage_names)
 
     @property
     def time_s(self) -> float:

@@ -40,6 +40,7 @@ from intune_env.live.pipeline import (
     LivePipeline,
     PipelineConfig,
 )
+from simulators.pipeline import check_allocation
 
 MIB = 1024**2
 GIB = 1024**3
@@ -113,13 +114,7 @@ class LiveSetup:
         }
 
     def check_allocation(self, alloc: Sequence[int]) -> None:
-        if len(alloc) != N_STAGES:
-            raise ValueError(f"allocation {list(alloc)} needs {N_STAGES} values "
-                             f"({', '.join(STAGES)})")
-        for name, k, hi in zip(STAGES, alloc, self.max_workers, strict=True):
-            if not 1 <= k <= hi:
-                raise ValueError(f"allocation {list(alloc)}: stage {name!r} needs 1..{hi} "
-                                 f"workers")
+        check_allocation(alloc, self.max_workers, STAGES)
         if sum(alloc) > self.cpus:
             raise ValueError(f"allocation {list(alloc)} uses {sum(alloc)} workers, above the "
                              f"budget of {self.cpus}")
