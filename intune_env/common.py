@@ -66,12 +66,6 @@ def observation_space(n_stages: int) -> spaces.Box:
     return spaces.Box(low=low, high=high, dtype=np.float32)
 
 
-def observation_bounds(n_stages: int) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) of :func:`observation_space`, as float64 arrays for clipping."""
-    space = observation_space(n_stages)
-    return space.low.astype(np.float64), space.high.astype(np.float64)
-
-
 def check_action(action: object, n_stages: int) -> int:
     """Return ``action`` as an int, or raise a clear error if it is outside the space."""
     try:
