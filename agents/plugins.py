@@ -1,0 +1,102 @@
+"""User code that extends the package: stage models, agents.
+
+A scenario file is data and never causes an import. Code is loaded only when asked:
+
+- ``intune --plugin MODULE_OR_FILE.py`` (repeatable) names a module on ``sys.path`` or a
+  Python file; importing it runs its ``@register_stage_model`` / ``register_agent`` calls;
+- installed packages declare an entry point in the group :data:`ENTRY_POINT_GROUP`
+  (``[project.entry-points."intune.plugins"] mine = "mypkg.intune_plugin"``); those load
+  when the ``intune`` command starts (``--no-entry-points`` turns them off).
+
+:func:`load_plugins` is idempotent, and ``intune compare`` passes the loaded specs to its
+worker processes (local pool and Ray), which load them again before their first run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from simulators.fileio import echo
+
+#: Entry-point group of installed plugins.
+ENTRY_POINT_GROUP = "intune.plugins"
+
+_LOADED: dict[str, str] = {}  # spec -> module name, in load order
+
+
+class PluginError(ValueError):
+    """A plugin that cannot be found or fails to import (one-line message)."""
+
+
+def _import_file(path: Path) -> str:
+    # A stable, private module name per file, so pickled references from a worker that
+    # loaded the same file resolve to the same module.
+    name = "intune_plugin_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return name
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"plugin {echo(str(path))}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return name
+
+
+def load_plugin(spec: str) -> str:
+    """Import one plugin (a ``.py`` file path or a module name); return its module name."""
+    if spec in _LOADED:
+        return _LOADED[spec]
+    try:
+        if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
+            path = Path(spec).resolve()
+            if not path.is_file():
+                raise PluginError(f"plugin {echo(spec)}: no such file")
+            name = _import_file(path)
+        else:
+            name = importlib.import_module(spec).__name__
+    except PluginError:
+        raise
+    except ModuleNotFoundError as err:
+        raise PluginError(f"plugin {echo(spec)}: no module named {echo(err.name)}") from None
+    except Exception as err:  # the user's code failed while importing
+        raise PluginError(f"plugin {echo(spec)} failed to import: "
+                          f"{type(err).__name__}: {echo(str(err))}") from None
+    _LOADED[spec] = name
+    return name
+
+
+def load_plugins(specs: list[str] | tuple[str, ...]) -> list[str]:
+    """Import every plugin in ``specs`` (idempotent); return their module names."""
+    return [load_plugin(s) for s in specs]
+
+
+def load_entry_point_plugins() -> list[str]:
+    """Import the plugins installed packages declare in :data:`ENTRY_POINT_GROUP`."""
+    names = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        key = f"entry-point:{ep.name}={ep.value}"
+        if key in _LOADED:
+            continue
+        try:
+            ep.load()
+        except Exception as err:
+            raise PluginError(f"plugin entry point {echo(ep.name)} ({echo(ep.value)}) failed "
+                              f"to load: {type(err).__name__}: {echo(str(err))}") from None
+        _LOADED[key] = ep.value
+        names.append(ep.value)
+    return names
+
+
+def loaded_plugins() -> list[str]:
+    """Specs loaded so far in this process (what worker processes must load too)."""
+    return [s for s in _LOADED if not s.startswith("entry-point:")]
