@@ -32,16 +32,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 from gymnasium import spaces
 
-#: Machines are normalised by this many CPUs in the last observation feature.
-CPU_NORM = 128.0
-SHARE_MAX = 4.0
-MEMORY_MAX = 2.0
-FREE_MIN = -4.0
-MACHINE_MAX = 8.0
+from simulators import kernel
+
+# The bounds live with the kernel, which clips the observation (simulators/ has no gym).
+CPU_NORM = kernel.CPU_NORM
+SHARE_MAX = kernel.SHARE_MAX
+MEMORY_MAX = kernel.MEMORY_MAX
+FREE_MIN = kernel.FREE_MIN
+MACHINE_MAX = kernel.MACHINE_MAX
 
 NOOP = 0
 
@@ -67,20 +70,22 @@ def observation_space(n_stages: int) -> spaces.Box:
 
 
 def check_action(action: object, n_stages: int) -> int:
-    """Return ``action`` as an int, or raise a clear error if it is outside the space."""
-    try:
-        a = int(action)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    """Return ``action`` as an int, or raise a clear ``ValueError`` unless it is an integer
+    (Python or numpy integer, or a 0-d integer array; not a bool or float) in the space."""
+    a = action
+    if isinstance(a, np.ndarray) and a.shape == () and a.dtype.kind in "iu":
+        a = a.item()
+    if isinstance(a, bool | np.bool_) or not isinstance(a, Integral):
         raise ValueError(
             f"action {action!r} is not an integer; expected one of 0..{2 * n_stages} "
-            f"(Discrete({2 * n_stages + 1}))"
-        ) from None
-    if a != action or not 0 <= a <= 2 * n_stages:
+            f"(Discrete({2 * n_stages + 1}))"[:200]
+        )
+    if not 0 <= int(a) <= 2 * n_stages:
         raise ValueError(
             f"action {action!r} is outside the action space Discrete({2 * n_stages + 1}): "
             f"0 is no-op, 1..{n_stages} add a CPU, {n_stages + 1}..{2 * n_stages} remove one"
         )
-    return a
+    return int(a)
 
 
 def decode_action(action: int, n_stages: int) -> tuple[int, int]:
@@ -103,24 +108,16 @@ def move_is_valid(
     allocation: Sequence[int], max_cpus: Sequence[int], cpus_total: int, stage: int, delta: int
 ) -> bool:
     """Whether the env accepts +/-1 CPU on ``stage``: 1 <= cpus <= max_cpus, no oversubscription."""
-    if delta == 0:
-        return True
-    new = allocation[stage] + delta
-    if delta < 0:
-        return new >= 1
-    return new <= max_cpus[stage] and sum(allocation) < cpus_total
+    return bool(kernel.move_is_valid(int(allocation[stage]), int(max_cpus[stage]),
+                                     int(sum(allocation)), int(cpus_total), int(delta)))
 
 
 def action_mask(allocation: Sequence[int], max_cpus: Sequence[int], cpus_total: int) -> np.ndarray:
     """Boolean mask of the valid actions (for MaskablePPO and for agents)."""
-    n = len(allocation)
-    can_add = sum(allocation) < cpus_total
-    mask = np.zeros(2 * n + 1, dtype=bool)
-    mask[0] = True
-    for i in range(n):
-        mask[1 + i] = can_add and allocation[i] < max_cpus[i]
-        mask[1 + n + i] = allocation[i] > 1
-    return mask
+    mask = np.empty((1, 2 * len(allocation) + 1), dtype=bool)
+    kernel.write_action_mask(mask, 0, np.asarray(allocation, dtype=np.int64).reshape(1, -1),
+                             np.asarray(max_cpus, dtype=np.int64), int(cpus_total))
+    return mask[0]
 
 
 def build_observation(
@@ -132,16 +129,13 @@ def build_observation(
     cpus_total: int,
 ) -> np.ndarray:
     """Assemble and clip the observation vector (see the module docstring)."""
-    c = float(cpus_total)
-    free = (c - sum(allocation)) / c
-    values = [min(k / c, SHARE_MAX) for k in allocation]
-    values.extend(min(max(u, 0.0), 1.0) for u in utilisation)
-    values.extend(min(max(f, 0.0), 1.0) for f in buffer_fill)
-    values.append(min(max(memory_fraction, 0.0), MEMORY_MAX))
-    values.append(min(max(throughput_fraction, 0.0), 1.0))
-    values.append(min(max(free, FREE_MIN), 1.0))
-    values.append(min(c / CPU_NORM, MACHINE_MAX))
-    return np.array(values, dtype=np.float32)
+    out = np.empty((1, 3 * len(allocation) + 4), dtype=np.float32)
+    kernel.write_observation(out, 0, np.asarray(allocation, dtype=np.int64).reshape(1, -1),
+                             np.asarray(utilisation, dtype=np.float64),
+                             np.asarray(buffer_fill, dtype=np.float64),
+                             float(memory_fraction), float(throughput_fraction),
+                             int(cpus_total))
+    return out[0]
 
 
 @dataclass(frozen=True)
@@ -160,6 +154,6 @@ def reward(
     throughput_fraction: float, memory_fraction: float, oom: bool, weights: RewardWeights
 ) -> float:
     """The shared reward formula (documented in :class:`RewardWeights`)."""
-    if oom:
-        return -weights.oom_penalty
-    return weights.throughput * throughput_fraction - weights.memory * memory_fraction
+    return float(kernel.reward_value(float(throughput_fraction), float(memory_fraction),
+                                     bool(oom), weights.throughput, weights.memory,
+                                     weights.oom_penalty))

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
-from types import MethodType
+import math
+from numbers import Real
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.error import ResetNeeded
 
 from intune_env import common
-from intune_env.common import CPU_NORM, FREE_MIN, MACHINE_MAX, MEMORY_MAX, SHARE_MAX
-from simulators import PipelineSim, Scenario, ScenarioError, load_scenario
-from simulators.pipeline import GPU, STEP_NAMESPACE, step_body_source
+from simulators import PipelineSim, Scenario, ScenarioError, kernel, load_scenario
+from simulators.pipeline import (
+    GPU,
+    check_allocation,
+    check_start_fits,
+    episode_seed,
+    even_allocation,
+    fitting_start,
+)
 from simulators.scenario import merge_overrides
+
+__all__ = ["ENV_KEYS", "RESET_OPTION_KEYS", "SCENARIO_KEYS", "InTuneEnv", "even_allocation",
+           "render_table"]
 
 #: Keys of the env's own configuration (``gym.make("InTune-v0", **config)``).
 ENV_KEYS = ("reward_throughput_weight", "reward_memory_weight", "oom_penalty", "start_allocation")
-#: Action masks are memoised per env by (machine full?, allocation); cleared at this size.
-MASK_CACHE_SIZE = 4096
 #: Keys that override the scenario itself.
 SCENARIO_KEYS = ("machine", "stages", "events", "noise_cv", "control_interval_s", "name")
+#: Keys ``reset(options=...)`` accepts.
+RESET_OPTION_KEYS = ("allocation",)
 
 
 class InTuneEnv(gym.Env[np.ndarray, int]):
@@ -36,15 +45,19 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
     of memory, as the InTune agent of Nagrecha et al. (RecSys 2023) does. The pipeline
     is the fluid-queue simulator of ``simulators.pipeline`` (exact sample conservation,
     per-stage capacity and memory models, seeded noise, scheduled events such as
-    a machine resize).
+    a machine resize); its dynamics are the one compiled kernel
+    ``simulators.kernel.step``, which the batched env runs too.
 
     ## Action Space
 
     ``Discrete(2N + 1)`` for N stages: ``0`` does nothing; ``1..N`` add one CPU to stage
     ``a - 1``; ``N+1..2N`` remove one CPU from stage ``a - N - 1``. A move that would take
     a stage below 1 CPU, above its ``max_cpus`` or use CPUs that are not free does nothing
-    and sets ``info["invalid_action"] = True``; ``info["action_mask"]`` lists the valid
-    ones. An action outside the space raises ``ValueError``.
+    and sets ``info["invalid_action"] = True``; ``info["action_mask"]`` and
+    :meth:`action_masks` (what ``sb3_contrib.MaskablePPO`` calls, through any wrapper)
+    list the valid ones. An action must be an integer (Python or numpy integer, or a
+    0-d integer array) in ``0..2N``; anything else (``1.0``, ``True``, ``inf``, out of
+    range) raises ``ValueError``.
 
     ## Observation Space
 
@@ -63,10 +76,27 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
     ## Starting State
 
     Empty buffers, the scenario's initial conditions and the allocation
-    ``options["allocation"]`` if given to ``reset``; otherwise ``start_allocation``:
-    ``"even"`` (default: the machine's CPUs split evenly, capped by each stage's
-    ``max_cpus``, what a user without a tuner does), ``"min"`` (one CPU per stage) or an
-    explicit list. The first observation is measured over one interval with no action.
+    ``options["allocation"]`` if given to ``reset``; otherwise ``start_allocation`` (the
+    keyword, else the scenario file's ``start_allocation``, else ``"even"``):
+
+    * ``"even"`` (default): the machine's CPUs split evenly (capped by each stage's
+      ``max_cpus``, what a user without a tuner does), *scaled down until it cannot run
+      out of memory*: the even split of the largest CPU total whose worst-case memory
+      (every buffer full, ``simulators.worst_memory``) fits the capacity, else one CPU
+      per stage (``simulators.fitting_start``). The default start is never an
+      immediate crash.
+    * ``"min"`` (one CPU per stage) or an explicit list of CPU counts: used as given;
+      if its worst-case memory does not fit, the constructor (or ``reset``) raises a
+      ``ValueError`` naming the memory it needs and the memory there is.
+
+    The first observation is measured over one interval with no action.
+
+    Randomness: the rate noise is counter-based. Each episode draws one 63-bit seed
+    from ``self.np_random`` at reset; the noise of stage ``i`` at interval ``t`` is
+    ``1 + noise_cv * sqrt(3) * (2u - 1)`` with ``u`` = splitmix64 hash of
+    (seed, t, i) mapped to [0, 1) (``simulators.kernel.uniform``), so nothing else
+    consumes the generator and sub-env ``i`` of a batch reset with seed ``s`` is the
+    single env reset with seed ``s + i``.
 
     ## Episode End
 
@@ -89,7 +119,7 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
     ``bottleneck_stage``, ``sim_time_s``, ``invalid_action``, ``stage_names``,
     ``stage_utilisation``, ``stage_processed``, ``stage_busy_s``, ``buffer_levels``,
     ``buffer_capacities``, ``element_bytes``, ``cpus_total``, ``max_cpus``, ``gpu_rate``,
-    ``action_mask``. The dict and every mutable value in it (the lists) are fresh
+    ``action_mask`` (21 keys). The dict and every mutable value in it (the lists) are fresh
     objects on every call; values that cannot change between events are immutable and
     may be shared: ``stage_names``, ``max_cpus``, ``element_bytes`` and
     ``oracle_allocation`` are tuples.
@@ -98,13 +128,28 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
 
     ``gym.make_vec("InTune-v0", num_envs=N, **config)`` gives the batched
     :class:`intune_env.vector.InTuneVectorEnv` (same trajectories as N single envs with the
-    same seeds, numpy arrays, NEXT_STEP autoreset); ``intune_env.sb3_vecenv`` adapts it to
-    Stable-Baselines3.
+    same seeds, numpy arrays, NEXT_STEP or SAME_STEP autoreset; info has the logging
+    keys and ``action_mask`` by default, every key above with ``info_keys="all"``);
+    ``intune_env.sb3_vecenv`` adapts it to Stable-Baselines3.
 
     ## Version History
 
     * v0: initial version.
+    * v0 (behaviour change, one kernel): the rate noise is counter-based (a splitmix64
+      hash of episode seed, interval and stage; same law, uniform with standard
+      deviation ``noise_cv``), so trajectories differ from earlier v0 releases for the
+      same seed; the golden trajectories were re-recorded.
+    * v0 (behaviour change): the default ``"even"`` start is scaled down until its
+      worst-case memory fits (it used to fill every CPU and could crash at once); an
+      explicit start that cannot fit is a ``ValueError``; ``start_allocation`` may
+      come from the scenario file.
+    * v0 (behaviour change): strict types: actions must be integers (``1.0``, ``True``,
+      ``np.float32(2)`` are refused), allocations sequences of integers (``[2.9, ...]``
+      and ``"11111"`` are refused); reward weights and ``oom_penalty`` must be finite;
+      ``reset`` options must be a dict with known keys and a failed ``reset`` leaves the
+      env as it was; ``step`` before ``reset`` raises ``ResetNeeded``.
     """
+
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}
 
@@ -137,96 +182,123 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
         if overrides:
             base = load_scenario(merge_overrides(base.to_dict(), overrides))
         self.scenario = base
-        self.sim = PipelineSim(base)
-        self.n_stages = self.sim.n
         self.weights = common.RewardWeights(
-            throughput=float(self.config["reward_throughput_weight"]),
-            memory=float(self.config["reward_memory_weight"]),
-            oom_penalty=float(self.config["oom_penalty"]),
+            throughput=finite_number("reward_throughput_weight",
+                                     self.config["reward_throughput_weight"]),
+            memory=finite_number("reward_memory_weight", self.config["reward_memory_weight"]),
+            oom_penalty=finite_number("oom_penalty", self.config["oom_penalty"]),
         )
-        self.action_space = common.action_space(self.n_stages)
-        self.observation_space = common.observation_space(self.n_stages)
+        self.sim = PipelineSim(base)
+        self.sim.set_reward_weights(self.weights.throughput, self.weights.memory,
+                                    self.weights.oom_penalty)
+        self.n_stages = n = self.sim.n
+        self.action_space = common.action_space(n)
+        self.observation_space = common.observation_space(n)
         self.render_mode = render_mode
-        self._start = self._resolve_start(self.config["start_allocation"])
-        self._invalid = False
+        start = config.get("start_allocation")  # the keyword wins over the file
+        if start is None:
+            start = getattr(base, "start_allocation", None) or "even"
+        self.config["start_allocation"] = start
+        self._start = self.resolve_start(start)
         self._names = tuple(self.sim.stage_names)
-        self._mask_cache: dict[tuple[Any, ...], np.ndarray] = {}
-        self._obs_tabs: dict[int, tuple[list[float], list[float], float]] = {}
-        self._bind_fast_step()
+        self._started = False
+        self._top = 2 * n
 
     # --- helpers -------------------------------------------------------------------
-    def _resolve_start(self, start: Any) -> list[int]:
-        cpus, caps = self.scenario.machine.cpus, self.sim.max_cpus
-        if start == "min":
-            return [1] * self.n_stages
-        if start == "even":
-            return even_allocation(cpus, caps)
-        if isinstance(start, list | tuple):
-            self.sim.set_allocation(start)  # validates, raises a clear ValueError
-            return [int(k) for k in start]
-        raise ScenarioError(
-            f"InTune-v0: start_allocation must be 'even', 'min' or a list of {self.n_stages} "
-            f"CPU counts, got {start!r}"
-        )
+    def resolve_start(self, start: Any) -> list[int]:
+        """The start allocation ``start`` names (see Starting State), or a ValueError."""
+        sim = self.sim
+        cond = sim.chain[sim.start_cond]
+        if isinstance(start, str) and start == "even":
+            return fitting_start(cond)
+        if isinstance(start, str) and start == "min":
+            alloc = [1] * self.n_stages
+        elif isinstance(start, list | tuple | np.ndarray):
+            alloc = check_allocation(start, sim.max_cpus, sim.stage_names)
+        else:
+            raise ScenarioError(
+                f"InTune-v0: start_allocation must be 'even', 'min' or a list of "
+                f"{self.n_stages} CPU counts, got {start!r}"[:200])
+        check_start_fits(cond, alloc)
+        return alloc
 
     def _observation(self) -> np.ndarray:
-        return self._observe(self)[0]
+        return self.sim.obs[0].copy()
 
     def _info(self) -> dict[str, Any]:
-        return self._observe(self)[1]
+        """The 21 info keys of the current state (fresh objects; tuples are shared)."""
+        sim = self.sim
+        st = sim.state[0].tolist()
+        out = sim.stage_out[0].tolist()
+        flt = sim.stage_f[0].tolist()
+        j = st[kernel.COND]
+        cond = sim.chain[j]
+        orc = sim.oracle_of(j)
+        b = st[kernel.BOTTLENECK]
+        return {
+            "throughput": st[kernel.CONSUMED] / sim.dt,
+            "allocation": sim.alloc[0].tolist(),
+            "memory_bytes": st[kernel.MEMORY],
+            "memory_capacity_bytes": cond.memory_capacity_bytes,
+            "oom": st[kernel.OOM] != 0,
+            "oracle_throughput": orc.throughput,
+            "oracle_allocation": orc.allocation,
+            "bottleneck_stage": GPU if b < 0 else self._names[b],
+            "sim_time_s": st[kernel.STEPS] * sim.dt,
+            "invalid_action": st[kernel.INVALID] != 0,
+            "stage_names": self._names,
+            "stage_utilisation": flt[kernel.UTILISATION],
+            "stage_processed": out[kernel.PROCESSED],
+            "stage_busy_s": flt[kernel.BUSY_S],
+            "buffer_levels": sim.buf[0].tolist(),
+            "buffer_capacities": out[kernel.BUFFER_CAP],
+            "element_bytes": sim.element_bytes[j],
+            "cpus_total": cond.cpus,
+            "max_cpus": sim.max_cpus,
+            "gpu_rate": cond.gpu_rate,
+            "action_mask": sim.mask[0].copy(),
+        }
 
     # --- Gymnasium API ---------------------------------------------------------------
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        super().reset(seed=seed)
+        """Start an episode (see Starting State). All or nothing: if the options are
+        invalid the env is left exactly as it was."""
         start = self._start
-        if options and "allocation" in options:
-            start = [int(k) for k in options["allocation"]]
-        self.sim.reset(self.np_random, start)
-        self._invalid = False
-        self.sim.step()  # measure one interval so the first observation is informative
-        obs, info, _, _ = self._observe(self)
-        return obs, info
+        if options is not None:
+            check_reset_options(options)
+            if "allocation" in options:
+                start = self.resolve_start(options["allocation"])
+        super().reset(seed=seed)
+        self.sim.restart(slice(None), [episode_seed(self.np_random)], start)
+        self.sim.run(self.sim.actions, self.sim._observe, *self.sim.args)
+        self._started = True
+        return self._observation(), self._info()
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        # Instances run the generated :func:`unrolled_env_step` directly (bound as
-        # ``self.step`` in ``_bind_fast_step``); this is the same call, one frame deeper.
-        return unrolled_env_step(self.n_stages)(self, action)
+        """Apply ``action``, simulate one interval (``simulators.kernel.step``), observe."""
+        if not self._started:
+            raise ResetNeeded("InTune-v0: call reset() before step()")
+        if type(action) is not int or not 0 <= action <= self._top:
+            action = common.check_action(action, self.n_stages)  # a clear ValueError
+        sim = self.sim
+        sim.actions[0] = action
+        sim.run(sim.actions, sim._act, *sim.args)
+        return (sim.obs[0].copy(), sim.reward.item(0), bool(sim.state[0, kernel.OOM]), False,
+                self._info())
 
-    def _observation_tables(self, cpus: int) -> tuple[list[float], list[float], float]:
-        """Observation features of a ``cpus``-CPU machine, by CPUs of a stage / in total.
-
-        The exact expressions of ``common.build_observation``, clipped: CPU share
-        ``min(k / c, SHARE_MAX)``, free CPUs ``min(max((c - total) / c, FREE_MIN), 1)`` and
-        machine size ``min(c / CPU_NORM, MACHINE_MAX)``, with ``c = float(cpus)``.
-        """
-        c = float(cpus)
-        top = max(self.sim.max_cpus)
-        share = [min(k / c, SHARE_MAX) for k in range(top + 1)]
-        free = [min(max((c - t) / c, FREE_MIN), 1.0) for t in range(top * self.n_stages + 1)]
-        tabs = self._obs_tabs[cpus] = (share, free, min(c / CPU_NORM, MACHINE_MAX))
-        return tabs
-
-    def _bind_fast_step(self) -> None:
-        # decode + validate + simulate + observe + reward in one generated function
-        self._observe = unrolled_observe(self.n_stages)
-        self.step = MethodType(unrolled_env_step(self.n_stages), self)  # type: ignore[method-assign]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for key in ("_observe", "step"):  # generated code does not pickle
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._bind_fast_step()
+    def action_masks(self) -> np.ndarray:
+        """Valid actions now (bool, ``2N + 1``): what ``MaskablePPO`` asks the env for."""
+        if not self._started:
+            raise ResetNeeded("InTune-v0: call reset() before action_masks()")
+        return self.sim.mask[0].copy()
 
     def set_allocation(self, allocation: list[int]) -> None:
         """Hold a whole allocation from the next step on (for tuners such as AUTOTUNE).
 
         Unlike actions, it may oversubscribe the machine; the simulator time-slices the
-        CPUs and degrades every stage accordingly.
+        CPUs and degrades every stage accordingly. The action mask follows at the next
+        step.
         """
         self.sim.set_allocation(allocation)
 
@@ -236,21 +308,25 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
         return render_table(self._info())
 
 
-def even_allocation(cpus: int, max_cpus: list[int]) -> list[int]:
-    """Split ``cpus`` as evenly as possible over stages, respecting each ``max_cpus``."""
-    n = len(max_cpus)
-    alloc = [1] * n
-    left = cpus - n
-    while left > 0:
-        open_ = [i for i in range(n) if alloc[i] < max_cpus[i]]
-        if not open_:
-            break
-        for i in sorted(open_, key=lambda i: alloc[i]):
-            if left == 0:
-                break
-            alloc[i] += 1
-            left -= 1
-    return alloc
+def finite_number(name: str, value: Any) -> float:
+    """``value`` as a finite float, or a ``ValueError`` naming the argument ``name``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, Real):
+        raise ValueError(f"InTune-v0: {name} must be a finite number, got {value!r}"[:200])
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"InTune-v0: {name} must be a finite number, got {value!r}")
+    return out
+
+
+def check_reset_options(options: Any) -> None:
+    """``ValueError`` unless ``options`` is a dict whose keys are all known."""
+    if not isinstance(options, dict):
+        raise ValueError(f"reset options must be a dict (keys: {', '.join(RESET_OPTION_KEYS)})"
+                         f", got {type(options).__name__}")
+    unknown = [str(k) for k in options if k not in RESET_OPTION_KEYS]
+    if unknown:
+        raise ValueError(f"unknown reset option(s) {', '.join(unknown)[:80]}; known: "
+                         f"{', '.join(RESET_OPTION_KEYS)}")
 
 
 def render_table(info: dict[str, Any]) -> str:
@@ -273,173 +349,3 @@ def render_table(info: dict[str, Any]) -> str:
             f"{info['stage_utilisation'][i]:>7.2f}{buf:>16}{info['stage_processed'][i]:>12,}"
         )
     return "\n".join(lines)
-
-
-def _observe_source(n: int) -> list[str]:
-    """Lines (indented once) computing ``obs``, ``info``, ``t`` and ``m`` from the locals
-    :func:`simulators.pipeline.step_body_source` leaves, with the env in ``env``."""
-    r = range(n)
-
-    def seq(fmt: str) -> str:
-        return ", ".join(fmt.format(i=i) for i in r)
-
-    lines = [
-        # CPU shares, free CPUs and machine size depend only on small integers: looked up
-        # in per-machine-size tables of the exact clipped values (_observation_tables)
-        "tabs = env._obs_tabs.get(cpus)",
-        "if tabs is None:",
-        "    tabs = env._observation_tables(cpus)",
-        "share, free_tab, machine = tabs",
-        f"{seq('h{i}')}, = max_cpus = self.max_cpus",
-        *[f"u{i} = p{i} / c{i} if c{i} > 0 else 1.0" for i in r],
-        *[f"f{i} = b{i} / B{i}" for i in r],
-        "throughput = g / dt",
-        "gpu_rate = self.conditions.gpu_rate",
-        "mem_cap = self._mem_cap",
-        "m = mem / mem_cap",
-        "t = throughput / gpu_rate",
-        # Clipping as common.build_observation, minus the comparisons that cannot be
-        # true (so the values are identical): 0 <= p_i <= c_i, hence utilisation is in
-        # [0, 1]; buffers, memory and consumption are >= 0. Fill (after a CPU removal
-        # shrinks a buffer), memory and throughput keep their upper clip (bounds as
-        # float literals: constants, not global lookups); the tables come clipped.
-        "obs = array([",
-        *[f"    share[k{i}]," for i in r],
-        *[f"    u{i}," for i in r],
-        *[f"    1.0 if f{i} > 1.0 else f{i}," for i in r],
-        f"    {MEMORY_MAX!r} if m > {MEMORY_MAX!r} else m,",
-        "    1.0 if t > 1.0 else t,",
-        "    free_tab[total],",
-        "    machine,",
-        "], float32)",
-        # bottleneck: the first stage of least capacity (PipelineSim.bottleneck)
-        "least = c0",
-        "bi = 0",
-    ]
-    for i in range(1, n):
-        lines += [f"if c{i} < least:", f"    least = c{i}", f"    bi = {i}"]
-    lines += [
-        "orc = self._oracle",
-        "if orc is None:",
-        "    orc = self.oracle()",
-        "can_add = total < cpus",
-        "names = env._names",
-        # The mask is a function of (can_add, allocation): memoised per env (bounded),
-        # handed out as a fresh copy.
-        f"key = (can_add, {seq('k{i}')})",
-        "masks = env._mask_cache",
-        "mask = masks.get(key)",
-        "if mask is None:",
-        "    if len(masks) >= MASK_CACHE_SIZE:",
-        "        masks.clear()",
-        f"    mask = masks[key] = array([True, {seq('can_add and k{i} < h{i}')}, "
-        f"{seq('k{i} > 1')}], dtype=bool_)",
-        "info = {",
-        '    "throughput": throughput,',
-        '    "allocation": alloc[:],',
-        '    "memory_bytes": mem,',
-        '    "memory_capacity_bytes": mem_cap,',
-        '    "oom": self.oom,',
-        '    "oracle_throughput": orc.throughput,',
-        '    "oracle_allocation": orc.allocation,',
-        '    "bottleneck_stage": GPU if self._gpu_cap <= least else names[bi],',
-        '    "sim_time_s": self.steps * dt,',
-        '    "invalid_action": env._invalid,',
-        '    "stage_names": names,',
-        f'    "stage_utilisation": [{seq("u{i}")}],',
-        f'    "stage_processed": [{seq("p{i}")}],',
-        f'    "stage_busy_s": [{seq("u{i} * k{i} * dt")}],',
-        f'    "buffer_levels": [{seq("b{i}")}],',
-        f'    "buffer_capacities": [{seq("B{i}")}],',
-        '    "element_bytes": self._elem,',
-        '    "cpus_total": cpus,',
-        '    "max_cpus": max_cpus,',
-        '    "gpu_rate": gpu_rate,',
-        '    "action_mask": mask.copy(),',
-        "}",
-    ]
-    return ["    " + line for line in lines]
-
-
-def _generate(name: str, lines: list[str], label: str) -> Callable[..., Any]:
-    namespace: dict[str, Any] = dict(STEP_NAMESPACE)
-    namespace.update({"array": np.array, "float32": np.float32, "bool_": bool, "GPU": GPU,
-                      "check_action": common.check_action, "MASK_CACHE_SIZE": MASK_CACHE_SIZE})
-    exec(compile("\n".join(lines), label, "exec"), namespace)
-    return namespace[name]  # type: ignore[no-any-return]
-
-
-@cache
-def unrolled_observe(n: int) -> Callable[[InTuneEnv], tuple[np.ndarray, dict[str, Any], float,
-                                                             float]]:
-    """``(obs, info, throughput_fraction, memory_fraction)`` of an ``n``-stage env, unrolled.
-
-    Generated once per stage count so per-stage values are locals and the observation
-    and info cost no Python loops. The values are exactly those of
-    ``common.build_observation`` (its clipping ``min(max(x, lo), hi)`` is written
-    ``lo if x < lo else hi if x > hi else x``, identical for ``lo < hi``) and of the
-    documented info keys, each a fresh object.
-    """
-    r = range(n)
-    head = [
-        "def observe(env):",
-        "    self = env.sim",
-        "    dt = self.dt",
-        "    cpus = self.cpus",
-        "    alloc = self.allocation",
-        f"    {', '.join(f'k{i}' for i in r)}, = alloc",
-        f"    {', '.join(f'p{i}' for i in r)}, = self.last_processed",
-        f"    {', '.join(f'c{i}' for i in r)}, = self.last_capacity",
-        f"    {', '.join(f'b{i}' for i in r)}, = self.buffers",
-        "    bt = self._buf_tab",
-        *[f"    B{i} = bt[{i}][k{i}]" for i in r],
-        "    g = self.last_consumed",
-        "    mem = self.memory_bytes",
-        f"    total = {' + '.join(f'k{i}' for i in r)}",
-    ]
-    return _generate("observe", [*head, *_observe_source(n), "    return obs, info, t, m"],
-                     f"<InTuneEnv.observe n={n}>")
-
-
-@cache
-def unrolled_env_step(n: int) -> Callable[[InTuneEnv, int], tuple[np.ndarray, float, bool,
-                                                                   bool, dict[str, Any]]]:
-    """:meth:`InTuneEnv.step` for a valid int action, fused and unrolled for ``n`` stages.
-
-    The action (``common.decode_action`` / ``move_is_valid``), the simulator's step
-    (:func:`simulators.pipeline.step_body_source`), the observation and info
-    (:func:`unrolled_observe`) and the reward (``common.reward``) in one generated
-    function: same operations in the same order, no intermediate attribute round trips.
-    """
-    head = [
-        "def env_step(env, a):",
-        f"    if type(a) is not int or not 0 <= a <= {2 * n}:",
-        f"        a = check_action(a, {n})  # raises a clear ValueError",
-        "    self = env.sim",
-        "    alloc = self.allocation",
-        "    if a == 0:",
-        "        env._invalid = False",
-        f"    elif a <= {n}:  # add one CPU to stage a - 1",
-        "        st = a - 1",
-        "        if alloc[st] + 1 <= self.max_cpus[st] and sum(alloc) < self.cpus:",
-        "            alloc[st] += 1",
-        "            env._invalid = False",
-        "        else:",
-        "            env._invalid = True",
-        "    else:  # remove one CPU from stage a - n - 1",
-        f"        st = a - {n + 1}",
-        "        if alloc[st] - 1 < 1:",
-        "            env._invalid = True",
-        "        else:",
-        "            alloc[st] -= 1",
-        "            env._invalid = False",
-    ]
-    tail = [
-        "    oom = self.oom",
-        "    w = env.weights",
-        "    if oom:",
-        "        return obs, -w.oom_penalty, oom, False, info",
-        "    return obs, w.throughput * t - w.memory * m, oom, False, info",
-    ]
-    return _generate("env_step", [*head, *step_body_source(n), *_observe_source(n), *tail],
-                     f"<InTuneEnv.step n={n}>")

@@ -5,7 +5,15 @@ Nothing here depends on Gymnasium; ``intune_env`` wraps it.
 
 from simulators.conditions import Compiled, Conditions, compile_conditions
 from simulators.oracle import OracleResult, oracle, oversubscription_share, static_throughput
-from simulators.pipeline import NOISE_BLOCK, PipelineSim, noise_block
+from simulators.pipeline import (
+    PipelineSim,
+    check_allocation,
+    check_start_fits,
+    episode_seed,
+    even_allocation,
+    fitting_start,
+    worst_memory,
+)
 from simulators.scenario import (
     EventSpec,
     MachineSpec,
@@ -27,7 +35,6 @@ from simulators.stages import (
 )
 
 __all__ = [
-    "NOISE_BLOCK",
     "Compiled",
     "Conditions",
     "EventSpec",
@@ -42,14 +49,19 @@ __all__ = [
     "StageTables",
     "builtin_path",
     "builtin_scenarios",
+    "check_allocation",
+    "check_start_fits",
     "compile_conditions",
+    "episode_seed",
+    "even_allocation",
+    "fitting_start",
     "load_scenario",
     "merge_overrides",
-    "noise_block",
     "oracle",
     "oversubscription_share",
     "register_stage_model",
     "registered_kinds",
     "stage_model_class",
     "static_throughput",
+    "worst_memory",
 ]

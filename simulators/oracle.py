@@ -32,6 +32,9 @@ from functools import lru_cache
 import numpy as np
 
 from simulators.conditions import Compiled, Conditions, compile_conditions
+from simulators.kernel import oversubscription_share
+
+__all__ = ["OracleResult", "oracle", "oversubscription_share", "solve", "static_throughput"]
 
 
 @dataclass(frozen=True)
@@ -122,14 +125,3 @@ def static_throughput(compiled: Compiled, cond: Conditions, allocation: list[int
     share = oversubscription_share(sum(allocation), cond.cpus, cond.oversubscription_overhead)
     slowest = min(compiled.capacity[i][k] * share for i, k in enumerate(allocation))
     return min(cond.gpu_rate, slowest)
-
-
-def oversubscription_share(total: int, cpus: int, overhead: float) -> float:
-    """Fraction of its nominal capacity each stage keeps when ``total`` CPUs share ``cpus``.
-
-    Time-slicing gives every thread ``cpus / total`` of a CPU; context switches cost a
-    further ``overhead`` per 100% of oversubscription.
-    """
-    if total <= cpus:
-        return 1.0
-    return (cpus / total) / (1.0 + overhead * (total / cpus - 1.0))

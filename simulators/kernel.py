@@ -1,0 +1,261 @@
+"""The pipeline dynamics, written once: one compiled step over a batch of pipelines.
+
+:func:`step` advances ``N`` independent copies of one scenario by one control interval
+each. Everything lives in arrays shaped ``(num_envs, n_stages)`` (or ``(num_envs, ...)``),
+so the single env calls it with ``N = 1`` and the batched env with ``N`` copies; there
+is no other copy of the model in the package. It is plain loops compiled by numba
+(``@njit(cache=True)``: the first run in a fresh install compiles for a few seconds and
+caches the machine code next to this file; later processes load it).
+
+One interval of one pipeline (the model of ``simulators.pipeline``):
+
+1. the action (0: nothing, ``1..n``: +1 CPU on stage ``a - 1``, ``n+1..2n``: -1 CPU on
+   stage ``a - n - 1``) is applied if :func:`move_is_valid`, under the conditions in force
+   before this interval;
+2. events due by now (``time = steps * dt``) move the pipeline along its chain of
+   conditions (tables are per conditions, see ``tables`` below);
+3. stage ``i`` may process ``c_i = int(capacity_i(k_i) * share * z_i * dt)`` samples,
+   ``share`` the time-slicing factor (:func:`oversubscription_share`) and
+   ``z_i = 1 + noise_cv * sqrt(3) * (2u - 1)`` with ``u`` uniform on [0, 1) from the
+   counter-based hash :func:`uniform` of (episode seed, step, stage);
+4. forward, what each stage can get: ``S_0 = c_0``, ``S_i = min(c_i, b_{i-1} + S_{i-1})``;
+   the trainer takes ``G = min(gpu_rate * dt, b_{n-1} + S_{n-1})``; backward, what fits
+   downstream: ``P_i = max(0, min(S_i, B_i - b_i + P_{i+1}))`` with ``P_n = G``;
+5. buffers ``b_i += P_i - P_{i+1}``; memory ``fixed + sum_i(workers_i(k_i) + b_i *
+   element_bytes_i)``, out of memory (sticky) above the capacity;
+6. observation (:func:`write_observation`), reward and the action mask of the new state.
+
+Sample counts are integers (int64), so samples read always equal samples consumed plus
+samples in buffers. Noise needs no generator state: a draw is a pure function of its
+counters, so sub-env ``i`` of a batch equals a single env with the same episode seed by
+construction, whatever the other sub-envs do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# --- observation bounds (``intune_env.common`` documents and re-exports them) -----------
+#: Machines are normalised by this many CPUs in the last observation feature.
+CPU_NORM = 128.0
+SHARE_MAX = 4.0
+MEMORY_MAX = 2.0
+FREE_MIN = -4.0
+MACHINE_MAX = 8.0
+
+#: Uniform noise on [-1, 1) scaled by this has standard deviation 1.
+NOISE_SCALE = 3.0 ** 0.5
+
+# --- column layouts ---------------------------------------------------------------------
+#: ``control[e]``: apply ``actions[e]`` then step; step without an action (the first
+#: interval after a reset); leave sub-env ``e`` untouched.
+ACT, OBSERVE, SKIP = 0, 1, 2
+#: Columns of ``state`` (int64, ``(N, N_STATE)``), one row per pipeline.
+STEPS, COND, OOM, INVALID, SEED, CONSUMED, MEMORY, SAMPLES_IN, SAMPLES_OUT, BOTTLENECK = \
+    range(10)
+N_STATE = 10
+#: Rows of ``stage_out`` (int64, ``(N, 3, n)``): last interval's capacity ``c_i``,
+#: processed ``P_i`` and the output buffer's capacity ``B_i``.
+CAPACITY, PROCESSED, BUFFER_CAP = 0, 1, 2
+#: Rows of ``stage_f`` (float64, ``(N, 2, n)``): utilisation ``P_i / c_i`` and busy seconds.
+UTILISATION, BUSY_S = 0, 1
+#: Rows of ``tables`` (int64, ``(C, 3, n, W)``), indexed by conditions, stage and CPUs.
+WORKERS, BUFFERS, ELEMENT_BYTES = 0, 1, 2
+#: Columns of ``cond_i`` (int64, ``(C, 5)``) and ``cond_f`` (float64, ``(C, 2)``).
+CPUS, MEM_CAP, MEM_FIXED, GPU_CAP, FIRST_STEP = range(5)
+GPU_RATE, OVERHEAD = 0, 1
+#: Entries of ``params`` (float64).
+DT, NOISE_CV, W_THROUGHPUT, W_MEMORY, OOM_PENALTY = range(5)
+N_PARAMS = 5
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_STRIDE = np.uint64(256)  # stages per step in the counter (at most 255 stages)
+_TO_UNIT = 2.0 ** -53
+
+
+@njit(cache=True)
+def splitmix64(x: np.uint64) -> np.uint64:
+    """The splitmix64 finaliser (Steele, Lea, Flood 2014): a bijective 64-bit mix."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True)
+def uniform(seed: np.uint64, step: int, stage: int) -> float:
+    """Uniform on [0, 1) (53 bits) for (episode seed, step, stage): a counter-based draw."""
+    counter = np.uint64(step) * _STRIDE + np.uint64(stage)
+    return float(splitmix64(seed ^ splitmix64(counter)) >> np.uint64(11)) * _TO_UNIT
+
+
+@njit(cache=True)
+def oversubscription_share(total: int, cpus: int, overhead: float) -> float:
+    """Fraction of its nominal capacity each stage keeps when ``total`` CPUs share ``cpus``.
+
+    Time-slicing gives every thread ``cpus / total`` of a CPU; context switches cost a
+    further ``overhead`` per 100% of oversubscription.
+    """
+    if total <= cpus:
+        return 1.0
+    return (cpus / total) / (1.0 + overhead * (total / cpus - 1.0))
+
+
+@njit(cache=True)
+def move_is_valid(cpus_of_stage: int, max_cpus_of_stage: int, total: int, machine_cpus: int,
+                  delta: int) -> bool:
+    """Whether ``delta`` CPUs on a stage are accepted: ``1 <= cpus <= max_cpus``, and an
+    addition needs a free CPU (``total < machine_cpus``)."""
+    new = cpus_of_stage + delta
+    if delta < 0:
+        return new >= 1
+    if delta > 0:
+        return new <= max_cpus_of_stage and total < machine_cpus
+    return True
+
+
+@njit(cache=True)
+def write_action_mask(out: np.ndarray, e: int, alloc: np.ndarray, max_cpus: np.ndarray,
+                      machine_cpus: int) -> None:
+    """Valid actions of row ``e`` of ``alloc`` into row ``e`` of ``out`` (bool, ``2n + 1``
+    wide; see :func:`move_is_valid`). Rows, not views: a view costs reference counting."""
+    n = alloc.shape[1]
+    total = 0
+    for i in range(n):
+        total += alloc[e, i]
+    out[e, 0] = True
+    for i in range(n):
+        out[e, 1 + i] = move_is_valid(alloc[e, i], max_cpus[i], total, machine_cpus, 1)
+        out[e, 1 + n + i] = move_is_valid(alloc[e, i], max_cpus[i], total, machine_cpus, -1)
+
+
+@njit(cache=True)
+def write_observation(out: np.ndarray, e: int, alloc: np.ndarray, utilisation: np.ndarray,
+                      fill: np.ndarray, memory_fraction: float, throughput_fraction: float,
+                      machine_cpus: int) -> None:
+    """The clipped observation (layout in ``intune_env.common``) of row ``e`` of ``alloc``
+    (with per-stage ``utilisation`` and ``fill``) into row ``e`` of ``out`` (float32)."""
+    n = alloc.shape[1]
+    c = float(machine_cpus)
+    total = 0
+    for i in range(n):
+        total += alloc[e, i]
+        out[e, i] = min(alloc[e, i] / c, SHARE_MAX)
+        out[e, n + i] = min(max(utilisation[i], 0.0), 1.0)
+        out[e, 2 * n + i] = min(max(fill[i], 0.0), 1.0)
+    out[e, 3 * n] = min(max(memory_fraction, 0.0), MEMORY_MAX)
+    out[e, 3 * n + 1] = min(max(throughput_fraction, 0.0), 1.0)
+    out[e, 3 * n + 2] = min(max((c - total) / c, FREE_MIN), 1.0)
+    out[e, 3 * n + 3] = min(c / CPU_NORM, MACHINE_MAX)
+
+
+@njit(cache=True)
+def reward_value(throughput_fraction: float, memory_fraction: float, oom: bool,
+                 w_throughput: float, w_memory: float, oom_penalty: float) -> float:
+    """``w_t * throughput/gpu_rate - w_m * memory/capacity``; ``-oom_penalty`` on a crash."""
+    if oom:
+        return -oom_penalty
+    return w_throughput * throughput_fraction - w_memory * memory_fraction
+
+
+@njit(cache=True)
+def step(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray, buffers: np.ndarray,
+         state: np.ndarray, stage_out: np.ndarray, stage_f: np.ndarray, obs: np.ndarray,
+         reward: np.ndarray, mask: np.ndarray, capacity: np.ndarray, tables: np.ndarray,
+         cond_i: np.ndarray, cond_f: np.ndarray, max_cpus: np.ndarray,
+         params: np.ndarray) -> int:
+    """One control interval of every pipeline ``e`` with ``control[e] != SKIP``.
+
+    Per-pipeline arrays (updated in place): ``alloc``, ``buffers`` (``(N, n)``), ``state``
+    (:data:`N_STATE` columns), outputs ``stage_out``, ``stage_f``, ``obs``, ``reward``,
+    ``mask``. Model (read only): ``capacity[j, i, k]`` samples/s and ``tables[j, :, i, k]``
+    of stage ``i`` with ``k`` CPUs under conditions ``j``, ``cond_i``/``cond_f`` per
+    conditions, ``max_cpus`` and ``params``. Returns -1, or the index of the first
+    action outside ``0..2n`` (then nothing has changed).
+    """
+    num_envs, n = alloc.shape
+    for e in range(num_envs):
+        if control[e] == ACT and not 0 <= actions[e] <= 2 * n:
+            return e
+    dt, spread = params[DT], params[NOISE_CV] * NOISE_SCALE
+    n_cond = cond_i.shape[0]
+    c = np.empty(n, np.int64)
+    supply = np.empty(n, np.int64)
+    util = np.empty(n)
+    fill = np.empty(n)
+    # Rows are indexed as [e, i], never taken as views (a view costs reference counting).
+    k, b, st = alloc, buffers, state
+    for e in range(num_envs):
+        if control[e] == SKIP:
+            continue
+        j = st[e, COND]
+        total = 0
+        for i in range(n):
+            total += k[e, i]
+        # 1. the action, under the conditions before this interval's events
+        st[e, INVALID] = 0
+        a = actions[e]
+        if control[e] == ACT and a != 0:
+            i, delta = (a - 1, 1) if a <= n else (a - n - 1, -1)
+            if move_is_valid(k[e, i], max_cpus[i], total, cond_i[j, CPUS], delta):
+                k[e, i] += delta
+                total += delta
+            else:
+                st[e, INVALID] = 1
+        # 2. events due by now
+        steps = st[e, STEPS]
+        while j + 1 < n_cond and cond_i[j + 1, FIRST_STEP] <= steps:
+            j += 1
+        st[e, COND] = j
+        cpus = cond_i[j, CPUS]
+        # 3. capacity this interval: time-slicing and counter-based noise
+        share = oversubscription_share(total, cpus, cond_f[j, OVERHEAD])
+        seed = np.uint64(st[e, SEED])
+        least = 0
+        for i in range(n):
+            z = 1.0
+            if spread != 0.0:
+                z = 1.0 + spread * (2.0 * uniform(seed, steps, i) - 1.0)
+            c[i] = int(capacity[j, i, k[e, i]] * share * z * dt)
+            if c[i] < c[least]:
+                least = i
+        # 4. forward pass (what each stage can get), then backward (what fits downstream)
+        supply[0] = c[0]
+        for i in range(1, n):
+            supply[i] = min(c[i], b[e, i - 1] + supply[i - 1])
+        g = min(cond_i[j, GPU_CAP], b[e, n - 1] + supply[n - 1])
+        # 5. buffers and memory
+        mem = cond_i[j, MEM_FIXED]
+        nxt = g
+        for i in range(n - 1, -1, -1):
+            cap_b = tables[j, BUFFERS, i, k[e, i]]
+            p = max(0, min(supply[i], cap_b - b[e, i] + nxt))
+            b[e, i] += p - nxt
+            nxt = p
+            mem += tables[j, WORKERS, i, k[e, i]] + b[e, i] * tables[j, ELEMENT_BYTES, i, 0]
+            stage_out[e, CAPACITY, i] = c[i]
+            stage_out[e, PROCESSED, i] = p
+            stage_out[e, BUFFER_CAP, i] = cap_b
+            util[i] = u = p / c[i] if c[i] > 0 else 1.0  # a stage that can do nothing: busy
+            stage_f[e, UTILISATION, i] = u
+            stage_f[e, BUSY_S, i] = u * k[e, i] * dt
+            fill[i] = b[e, i] / cap_b if cap_b > 0 else 1.0  # no room: always full
+        if mem > cond_i[j, MEM_CAP]:
+            st[e, OOM] = 1
+        st[e, STEPS] = steps + 1
+        st[e, CONSUMED] = g
+        st[e, MEMORY] = mem
+        st[e, SAMPLES_IN] += nxt
+        st[e, SAMPLES_OUT] += g
+        st[e, BOTTLENECK] = -1 if cond_i[j, GPU_CAP] <= c[least] else least
+        # 6. what the agent sees
+        m = mem / cond_i[j, MEM_CAP]
+        t = (g / dt) / cond_f[j, GPU_RATE]
+        write_observation(obs, e, k, util, fill, m, t, cpus)
+        reward[e] = 0.0 if control[e] == OBSERVE else reward_value(
+            t, m, st[e, OOM] != 0, params[W_THROUGHPUT], params[W_MEMORY], params[OOM_PENALTY])
+        write_action_mask(mask, e, k, max_cpus, cpus)
+    return -1
