@@ -87,9 +87,14 @@ def splitmix64(x: np.uint64) -> np.uint64:
 
 @njit(cache=True)
 def uniform(seed: np.uint64, step: int, stage: int) -> float:
-    """Uniform on [0, 1) (53 bits) for (episode seed, step, stage): a counter-based draw."""
+    """Uniform on [0, 1) (53 bits) for (episode seed, step, stage): a counter-based draw.
+
+    SplitMix64's ``m``-th output for ``seed`` is ``splitmix64(seed + m * golden)``, so a
+    draw is the ``(256 * step + stage)``-th output of SplitMix64(seed), computed directly.
+    """
     counter = np.uint64(step) * _STRIDE + np.uint64(stage)
-    return float(splitmix64(seed ^ splitmix64(counter)) >> np.uint64(11)) * _TO_UNIT
+    # output number ``counter`` of the SplitMix64 generator seeded with ``seed``
+    return float(np.int64(splitmix64(seed + counter * _GOLDEN) >> np.uint64(11))) * _TO_UNIT
 
 
 @njit(cache=True)
@@ -140,15 +145,16 @@ def write_observation(out: np.ndarray, e: int, alloc: np.ndarray, utilisation: n
     (with per-stage ``utilisation`` and ``fill``) into row ``e`` of ``out`` (float32)."""
     n = alloc.shape[1]
     c = float(machine_cpus)
+    per_cpu = 1.0 / c  # one division, not one per stage (divisions dominate this function)
     total = 0
     for i in range(n):
         total += alloc[e, i]
-        out[e, i] = min(alloc[e, i] / c, SHARE_MAX)
+        out[e, i] = min(alloc[e, i] * per_cpu, SHARE_MAX)
         out[e, n + i] = min(max(utilisation[i], 0.0), 1.0)
         out[e, 2 * n + i] = min(max(fill[i], 0.0), 1.0)
     out[e, 3 * n] = min(max(memory_fraction, 0.0), MEMORY_MAX)
     out[e, 3 * n + 1] = min(max(throughput_fraction, 0.0), 1.0)
-    out[e, 3 * n + 2] = min(max((c - total) / c, FREE_MIN), 1.0)
+    out[e, 3 * n + 2] = min(max((c - total) * per_cpu, FREE_MIN), 1.0)
     out[e, 3 * n + 3] = min(c / CPU_NORM, MACHINE_MAX)
 
 

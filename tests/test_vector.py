@@ -11,7 +11,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 import intune_env  # noqa: F401  (registers InTune-v0)
 from intune_env.vector import INFO_KEYS, InTuneVectorEnv
-from simulators import load_scenario, oracle
+from simulators import kernel, load_scenario, oracle
 
 # memory-tight plus events: with OOM crashes and a short time limit, sub-envs restart at
 # different times and so meet the events (co-tenant memory, a machine shrink that
@@ -109,7 +109,7 @@ def test_drifting_case_desynchronises_and_crashes() -> None:
     conds, ooms = set(), 0
     for _ in range(160):
         _, _, term, _, info = env.step(rng.integers(0, 11, 6))
-        conds.add(tuple(env._cond.tolist()))
+        conds.add(tuple(env.sim.state[:, kernel.COND].tolist()))
         ooms += int(term.sum())
         assert np.array_equal(info["oom"], term)
     assert ooms > 0
@@ -130,8 +130,9 @@ def test_make_vec_uses_the_batched_env_by_default() -> None:
 def test_oracle_is_computed_once_per_condition_not_per_copy() -> None:
     oracle.cache_clear()
     env = InTuneVectorEnv(num_envs=512, scenario="transform-drift")
-    assert oracle.cache_info().misses == len(env.conditions) == 4
+    assert len(env.sim.chain) == 4
     env.reset(seed=0)
+    assert oracle.cache_info().misses == 4
     for _ in range(5):
         env.step(np.zeros(512, dtype=np.int64))
     assert oracle.cache_info().misses == 4
@@ -272,14 +273,3 @@ def test_reset_options_and_an_oversubscribed_start_match_sync() -> None:
         r1, r2 = sync.step(act), ours.step(act)
         assert r1[0].tobytes() == np.ascontiguousarray(r2[0]).tobytes(), t
         assert r1[1].tobytes() == r2[1].tobytes(), t
-    assert ours.unwrapped._may_oversubscribe
-
-
-def test_one_noise_block_per_draw_gives_the_same_trajectories(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a tight noise buffer (one block per generator call) nothing changes either."""
-    import intune_env.vector as vector
-
-    monkeypatch.setattr(vector, "NOISE_BUFFER_BYTES", 1)
-    assert gym.make_vec("InTune-v0", num_envs=2).unwrapped.noise_refill_period == 64
-    assert _compare("drifting-oom", AutoresetMode.NEXT_STEP, steps=150) > 0
