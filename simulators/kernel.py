@@ -25,6 +25,10 @@ One interval of one pipeline (the model of ``simulators.pipeline``):
    element_bytes_i)``, out of memory (sticky) above the capacity;
 6. observation (:func:`write_observation`), reward and the action mask of the new state.
 
+Helpers are inlined into :func:`step` (``inline="always"``: a call passing array structs
+costs more than the helper) and remain callable from Python, where ``intune_env.common``
+uses them, so the action mask, observation, reward and time-slicing share exist once.
+
 Sample counts are integers (int64), so samples read always equal samples consumed plus
 samples in buffers. Noise needs no generator state: a draw is a pure function of its
 counters, so sub-env ``i`` of a batch equals a single env with the same episode seed by
@@ -76,7 +80,7 @@ _STRIDE = np.uint64(256)  # stages per step in the counter (at most 255 stages)
 _TO_UNIT = 2.0 ** -53
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def splitmix64(x: np.uint64) -> np.uint64:
     """The splitmix64 finaliser (Steele, Lea, Flood 2014): a bijective 64-bit mix."""
     z = x + _GOLDEN
@@ -85,7 +89,7 @@ def splitmix64(x: np.uint64) -> np.uint64:
     return z ^ (z >> np.uint64(31))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def uniform(seed: np.uint64, step: int, stage: int) -> float:
     """Uniform on [0, 1) (53 bits) for (episode seed, step, stage): a counter-based draw.
 
@@ -97,7 +101,7 @@ def uniform(seed: np.uint64, step: int, stage: int) -> float:
     return float(np.int64(splitmix64(seed + counter * _GOLDEN) >> np.uint64(11))) * _TO_UNIT
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def oversubscription_share(total: int, cpus: int, overhead: float) -> float:
     """Fraction of its nominal capacity each stage keeps when ``total`` CPUs share ``cpus``.
 
@@ -109,7 +113,7 @@ def oversubscription_share(total: int, cpus: int, overhead: float) -> float:
     return (cpus / total) / (1.0 + overhead * (total / cpus - 1.0))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def move_is_valid(cpus_of_stage: int, max_cpus_of_stage: int, total: int, machine_cpus: int,
                   delta: int) -> bool:
     """Whether ``delta`` CPUs on a stage are accepted: ``1 <= cpus <= max_cpus``, and an
@@ -122,7 +126,7 @@ def move_is_valid(cpus_of_stage: int, max_cpus_of_stage: int, total: int, machin
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def write_action_mask(out: np.ndarray, e: int, alloc: np.ndarray, max_cpus: np.ndarray,
                       machine_cpus: int) -> None:
     """Valid actions of row ``e`` of ``alloc`` into row ``e`` of ``out`` (bool, ``2n + 1``
@@ -137,7 +141,7 @@ def write_action_mask(out: np.ndarray, e: int, alloc: np.ndarray, max_cpus: np.n
         out[e, 1 + n + i] = move_is_valid(alloc[e, i], max_cpus[i], total, machine_cpus, -1)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def write_observation(out: np.ndarray, e: int, alloc: np.ndarray, utilisation: np.ndarray,
                       fill: np.ndarray, memory_fraction: float, throughput_fraction: float,
                       machine_cpus: int) -> None:
@@ -158,7 +162,7 @@ def write_observation(out: np.ndarray, e: int, alloc: np.ndarray, utilisation: n
     out[e, 3 * n + 3] = min(c / CPU_NORM, MACHINE_MAX)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def reward_value(throughput_fraction: float, memory_fraction: float, oom: bool,
                  w_throughput: float, w_memory: float, oom_penalty: float) -> float:
     """``w_t * throughput/gpu_rate - w_m * memory/capacity``; ``-oom_penalty`` on a crash."""
