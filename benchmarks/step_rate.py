@@ -13,9 +13,12 @@ Rows:
 
 - single: ``gym.make(id)`` with its default wrappers (TimeLimit, OrderEnforcing,
   PassiveEnvChecker), one env;
-- batched: ``gym.make_vec(id, num_envs=N)``: Gymnasium's ``CartPoleVectorEnv`` and our
-  ``InTuneVectorEnv`` (both registered ``vector_entry_point``); for context
-  ``SyncVectorEnv`` over single InTune envs;
+- startup: a fresh interpreter's first ``gym.make("InTune-v0")`` + reset + step, with an
+  empty numba cache (cold: compiles the kernel) and a filled one (warm);
+- batched: ``gym.make_vec(id, num_envs=N)`` for N in ``--num-envs`` (default 1, 16, 256,
+  1024, 4096, 16384): Gymnasium's ``CartPoleVectorEnv`` and our ``InTuneVectorEnv``
+  (both registered ``vector_entry_point``), and the creation time of each; the cost of
+  ``info_keys="all"``; for context ``SyncVectorEnv`` over single InTune envs;
 - SB3: PPO and A2C training throughput (``model.learn`` timesteps/s, rollouts and
   updates, torch on one thread) on the batched env through
   ``intune_env.sb3_vecenv.SB3VecEnv`` versus SB3's ``DummyVecEnv`` over single envs, same
@@ -28,7 +31,9 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -113,31 +118,63 @@ def machine() -> str:
             f"numpy {np.__version__}, gymnasium {gym.__version__}, load avg {load:.1f}")
 
 
-def env_table(rounds: int, num_envs: int) -> list[tuple[str, int, float, str]]:
+FIRST_MAKE = ("import time; t = time.perf_counter(); import gymnasium as gym, intune_env; "
+              "env = gym.make('InTune-v0'); env.reset(seed=0); env.step(0); "
+              "print(time.perf_counter() - t)")
+
+
+def first_make_seconds(cache_dir: str) -> float:
+    """Seconds from a fresh interpreter to a first step of ``gym.make("InTune-v0")``,
+    with numba's cache in ``cache_dir`` (empty: a cold compile; filled: warm)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", FIRST_MAKE], env=env, check=True,
+                         capture_output=True, text=True, timeout=600)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def startup_rows() -> list[tuple[str, int, float, str]]:
+    """Cold (empty numba cache) and warm first ``gym.make`` in fresh processes."""
+    with tempfile.TemporaryDirectory() as cache:
+        cold = first_make_seconds(cache)
+        warm = statistics.median(first_make_seconds(cache) for _ in range(3))
+    return [("first gym.make + reset + step, cold numba cache", 1, float("nan"),
+             f"{cold:.2f} s (compiles the kernel)"),
+            ("first gym.make + reset + step, warm numba cache", 1, float("nan"),
+             f"{warm:.2f} s (median of 3 fresh processes)")]
+
+
+def env_table(rounds: int, sizes: list[int]) -> list[tuple[str, int, float, str]]:
     rows: list[tuple[str, int, float, str]] = []
     # single env, gym.make with default wrappers
     intune, cartpole = single_runner("InTune-v0"), single_runner("CartPole-v1")
     c, r, ratio = paired(intune, cartpole, 2000, 2000, 1, 2 * rounds)
     rows += [("CartPole-v1 (gym.make)", 1, r, "1.00 (reference)"),
              ("InTune-v0 (gym.make)", 1, c, f"{ratio:.2f}")]
-    # batched: make_vec default (vector_entry_point) for both
-    t0 = time.perf_counter()
-    gym.make_vec("InTune-v0", num_envs=num_envs)
-    create_s = time.perf_counter() - t0
-    vin, vcp = vector_runner("InTune-v0", num_envs), vector_runner("CartPole-v1", num_envs)
-    # Chunks of one noise-refill period: every chunk pays one refill of every sub-env
-    # (see PROFILE.md), so per-chunk rates are comparable.
-    period = gym.make_vec("InTune-v0", num_envs=num_envs).unwrapped.noise_refill_period
-    c, r, ratio = paired(vin, vcp, period, period, num_envs, rounds)
-    rows += [("CartPole-v1 (make_vec: CartPoleVectorEnv)", num_envs, r, "1.00 (reference)"),
-             ("InTune-v0 (make_vec: InTuneVectorEnv)", num_envs, c, f"{ratio:.2f}")]
+    # batched: make_vec default (vector_entry_point) for both, at every size
+    for num_envs in sizes:
+        t0 = time.perf_counter()
+        gym.make_vec("InTune-v0", num_envs=num_envs)
+        create_s = time.perf_counter() - t0
+        vin, vcp = vector_runner("InTune-v0", num_envs), vector_runner("CartPole-v1", num_envs)
+        chunk = max(8, 262144 // num_envs)  # about a quarter million sub-env steps a chunk
+        c, r, ratio = paired(vin, vcp, chunk, chunk, num_envs, rounds)
+        rows += [("CartPole-v1 (make_vec: CartPoleVectorEnv)", num_envs, r, "1.00 (reference)"),
+                 ("InTune-v0 (make_vec: InTuneVectorEnv)", num_envs, c, f"{ratio:.2f}"),
+                 ("  make_vec('InTune-v0') creation", num_envs, float("nan"),
+                  f"{create_s * 1000:.0f} ms")]
+    vall = vector_runner("InTune-v0", 1024, info_keys="all")
+    vdef = vector_runner("InTune-v0", 1024)
+    c, r, ratio = paired(vall, vdef, 256, 256, 1024, max(3, rounds // 3))
+    rows.append(("InTune-v0 make_vec info_keys='all'", 1024, c,
+                 f"{ratio:.2f} of the default info's rate"))
     sync_n = 16
     vsync = vector_runner("InTune-v0", sync_n, vectorization_mode="sync")
-    c2, r2, ratio2 = paired(vsync, vcp, 200, 50, sync_n, max(3, rounds // 3))
+    vcp16 = vector_runner("CartPole-v1", sync_n)
+    c2, r2, ratio2 = paired(vsync, vcp16, 200, 200, sync_n, max(3, rounds // 3))
     rows.append(("InTune-v0 (make_vec sync: SyncVectorEnv)", sync_n, c2,
-                 f"{ratio2:.2f} (vs CartPoleVectorEnv N={num_envs})"))
-    rows.append((f"make_vec('InTune-v0', num_envs={num_envs}) creation", num_envs,
-                 float("nan"), f"{create_s * 1000:.0f} ms"))
+                 f"{ratio2:.2f} (vs CartPoleVectorEnv N={sync_n})"))
     return rows
 
 
@@ -179,18 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15,
                     help="alternating rounds per pair (twice as many for single envs)")
-    ap.add_argument("--num-envs", type=int, default=1024, help="batched envs")
+    ap.add_argument("--num-envs", type=int, nargs="+", default=[1, 16, 256, 1024, 4096, 16384],
+                    help="batched env sizes")
+    ap.add_argument("--no-startup", action="store_true",
+                    help="skip the cold/warm first-make subprocesses")
     ap.add_argument("--no-sb3", action="store_true", help="skip the SB3 training rates")
     ap.add_argument("--sb3-timesteps", type=int, default=32768)
     ap.add_argument("--sb3-envs", type=int, default=16)
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.num_envs < 1 or args.sb3_timesteps < 1 or args.sb3_envs < 1:
+    if args.rounds < 1 or min(args.num_envs) < 1 or args.sb3_timesteps < 1 or args.sb3_envs < 1:
         print("step_rate: --rounds, --num-envs, --sb3-timesteps and --sb3-envs must be >= 1",
               file=sys.stderr)
         return 2
     print(f"machine: {machine()}")
     print(f"{'env':<46}{'num_envs':>9}{'steps/s':>14}  ratio to CartPole reference")
-    for name, n, rate, ratio in env_table(args.rounds, args.num_envs):
+    rows = [] if args.no_startup else startup_rows()
+    for name, n, rate, ratio in rows + env_table(args.rounds, args.num_envs):
         shown = "" if rate != rate else f"{rate:,.0f}"
         print(f"{name:<46}{n:>9}{shown:>14}  {ratio}")
     if not args.no_sb3:
