@@ -168,12 +168,16 @@ class PipelineSim:
         self.actions = np.zeros(N, dtype=np.int64)
         self._act = np.full(N, kernel.ACT, dtype=np.int8)
         self._observe = np.full(N, kernel.OBSERVE, dtype=np.int8)
+        self._bind()
+
+    # --- construction ------------------------------------------------------------------
+    def _bind(self) -> None:
+        """The kernel's arguments after ``actions, control``, and the compiled kernel."""
         self.args = (self.alloc, self.buf, self.state, self.stage_out, self.stage_f, self.obs,
                      self.reward, self.mask, self.capacity, self.tables, self.cond_i,
                      self.cond_f, self.max_cpus_array, self.params)
         self.run = kernel_entry(self.actions, self._act, *self.args)
 
-    # --- construction ------------------------------------------------------------------
     def _build_chain(self) -> None:
         """Every conditions the events can produce (in time order), tabulated once."""
         scen = self.scenario
@@ -341,10 +345,7 @@ class PipelineSim:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.args = (self.alloc, self.buf, self.state, self.stage_out, self.stage_f, self.obs,
-                     self.reward, self.mask, self.capacity, self.tables, self.cond_i,
-                     self.cond_f, self.max_cpus_array, self.params)
-        self.run = kernel_entry(self.actions, self._act, *self.args)
+        self._bind()
 
 
 _ENTRIES: dict[tuple[Any, ...], Any] = {}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode
+from test_vector import DRIFTING  # events and crashes at different times per sub-env
 
 import intune_env  # noqa: F401  (registers InTune-v0)
 from intune_env.intune import InTuneEnv
@@ -42,19 +43,6 @@ TIGHT = {
          "worker_memory_mib": 900, "element_kib": 1.0, "buffer": 4096},
     ],
 }
-
-# Events and crashes at different times in different sub-envs.
-DRIFTING = {
-    **load_scenario("memory-tight").to_dict(),
-    "name": "drifting",
-    "events": [
-        {"at_s": 20, "cotenant_memory_gib": 2.0},
-        {"at_s": 40, "cpus": 20},
-        {"at_s": 40, "stage": "transform", "rate_per_cpu_factor": 0.7},
-        {"at_s": 70, "memory_gib": 44},
-    ],
-}
-
 
 # --- one implementation -------------------------------------------------------------------
 def test_no_exec_eval_or_compile_in_the_package() -> None:
