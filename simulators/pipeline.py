@@ -249,8 +249,12 @@ class PipelineSim:
             raise ValueError(f"action {self.actions[bad]} is outside 0..{2 * self.n}")
 
     def set_allocation(self, allocation: Sequence[int]) -> None:
-        """Every copy holds ``allocation`` from now on (oversubscription is allowed)."""
+        """Every copy holds ``allocation`` from now on (oversubscription is allowed); the
+        action masks follow at once."""
         self.alloc[:] = check_allocation(allocation, self.max_cpus, self.stage_names)
+        for e in range(self.num_envs):
+            kernel.write_action_mask(self.mask, e, self.alloc, self.max_cpus_array,
+                                     int(self.cond_i[self.state[e, kernel.COND], kernel.CPUS]))
 
     def oracle_of(self, j: int) -> OracleResult:
         """Best static allocation under conditions ``j`` of the chain (cached)."""

@@ -348,6 +348,18 @@ def test_action_masks_through_gymnasium_wrappers() -> None:
     assert np.array_equal(get_action_masks(env), info["action_mask"])
 
 
+def test_action_masks_follow_set_allocation() -> None:
+    from intune_env import common
+
+    env = InTuneEnv()
+    env.reset(seed=0)
+    before = env.action_masks()
+    env.set_allocation([1, 1, 1, 1, 1])
+    mask = env.action_masks()
+    assert np.array_equal(mask, common.action_mask([1] * 5, env.sim.max_cpus, 32))
+    assert not mask[6:].any() and not np.array_equal(mask, before)
+
+
 def test_maskable_ppo_learns_with_no_wrapper() -> None:
     sb3_contrib = pytest.importorskip("sb3_contrib")
     import torch
