@@ -859,3 +859,40 @@ def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
         raise QTableError(f"{path}: 'metadata' must be an object")
     meta = {k: v for k, v in meta.items() if k != "hyperparameters"}
     return arrays[0], arrays[1], meta
+
+
+class FrozenQLearningAgent(QLearningAgent):
+    """Ablation ``qlearning-frozen``: the pretrained table, greedy, never updated online."""
+
+    name = "qlearning-frozen"
+
+    def __init__(self, pretrained: bool | str | Path = True, **kwargs: Any) -> None:
+        kwargs["learn"] = False
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.name = "qlearning-frozen"
+
+
+class RuleAgent(QLearningAgent):
+    """Ablation ``qlearning-rule``: the same perception and shield, a fixed rule, no table.
+
+    Rule: ``give`` whenever it is valid (a stage is the bottleneck, a CPU is free and its
+    next worker fits); else ``take`` if some stage has clear slack; else ``noop``. The
+    forced moves (shed memory when critical, the oversubscription plan) are the same as
+    the learning agent's.
+    """
+
+    name = "qlearning-rule"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["learn"] = False
+        kwargs.pop("pretrained", None)
+        super().__init__(pretrained=False, **kwargs)
+        self.name = "qlearning-rule"
+
+    def greedy(self, p: Perception) -> int:
+        """The fixed rule (see the class docstring); the table is not consulted."""
+        if p.valid[GIVE]:
+            return GIVE
+        if p.valid[TAKE] and p.features[2]:
+            return TAKE
+        return NOOP

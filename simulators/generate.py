@@ -28,7 +28,9 @@ these documented ranges:
 By construction the default start fits: one CPU per stage fits with at least 10% of
 capacity to spare under every condition the scenario reaches (co-tenants included),
 so the oracle is feasible in every phase and the env's default start (the even split
-scaled down until it fits, else one CPU per stage) never starts out of memory.
+scaled down until it fits, else one CPU per stage) never starts out of memory. A
+co-tenant is also small enough that the oracle allocation of the phase before it
+arrives survives it (worst case), so no crash is unavoidable.
 
 Named suites (:data:`SUITES`) are usable wherever a scenario name is:
 ``suite:test:0017`` is member 17 of the test split (see :func:`expand_suite`).
@@ -169,7 +171,7 @@ def generate_scenario(seed: int, index: int | None = None) -> dict[str, Any]:
                        "stage": names[int(rng.integers(n))],
                        "rate_per_cpu_factor": float(round(rng.uniform(0.5, 1.5), 3))})
     events.sort(key=lambda e: e["at_s"])
-    return {
+    out = {
         "name": name,
         "description": f"generated (seed {seed}" + ("" if index is None else f", index {index}")
                        + ("; memory-tight" if tight else "") + ")",
@@ -179,6 +181,36 @@ def generate_scenario(seed: int, index: int | None = None) -> dict[str, Any]:
         "events": events,
         "noise_cv": float(round(rng.uniform(0.0, 0.2), 4)),
     }
+    # A co-tenant must not crash even the oracle's allocation of the phase before it
+    # arrives (no tuner could avoid that crash): shrink it until it does not, else drop it.
+    for _ in range(8):
+        if _oracle_survives_events(out):
+            break
+        for ev in out["events"]:
+            if ev.get("cotenant_memory_gib"):
+                ev["cotenant_memory_gib"] = float(round(ev["cotenant_memory_gib"] / 2, 3))
+    else:
+        out["events"] = [e for e in out["events"] if "cotenant_memory_gib" not in e]
+    return out
+
+
+def _oracle_survives_events(data: dict[str, Any]) -> bool:
+    """Does the previous phase's oracle allocation fit (worst case) after every event?"""
+    from simulators.conditions import Conditions, compile_conditions
+    from simulators.oracle import oracle
+    from simulators.scenario import scenario_from_dict
+
+    sc = scenario_from_dict(data)
+    cond = Conditions.initial(sc)
+    best = oracle(cond).allocation
+    for ev in sorted(sc.events, key=lambda e: e.at_s):
+        cond = cond.apply(ev)
+        comp = compile_conditions(cond)
+        need = cond.fixed_memory_bytes + sum(comp.worst_memory[i][k] for i, k in enumerate(best))
+        if need > cond.memory_capacity_bytes:
+            return False
+        best = oracle(cond).allocation
+    return True
 
 
 def generate_scenarios(count: int, seed: int) -> list[dict[str, Any]]:
