@@ -152,6 +152,7 @@ class Perception:
     critical: bool  # current worst case already above the memory limit
     shed: bool  # oversubscribed and releasing ``take_stage`` moves towards a better plan
     give_bytes: float  # memory a give is predicted to add (worker + prefetch; 0 if none)
+    give_fits: bool  # the bottleneck stage can take a worker and its memory is known to fit
     allocation: tuple[int, ...]
     worst_fraction: float  # predicted worst-case memory / capacity
 
@@ -184,6 +185,11 @@ class QLearningAgent(Agent):
             pretraining turns it off.
         unknown_worker_fraction: per-worker memory assumed (as a fraction of capacity) for
             a one-CPU stage whose workers were never measured and cannot be probed.
+        time_slicing: when no CPU is free, add a time-sliced thread to the bottleneck
+            (a whole allocation through ``set_allocation``) while the time-slicing model
+            says it pays (see :meth:`_slice_pays`); ``False`` never oversubscribes.
+        slice_overhead: context-switch overhead assumed before it is measured (per 100%
+            of oversubscription; cautious: the simulator's default is 0.1).
     """
 
     name = "qlearning"
@@ -195,7 +201,8 @@ class QLearningAgent(Agent):
                  slack_margin: float = 0.03, gpu_tolerance: float = 0.01,
                  rate_ema: float = 0.3, learn: bool = True,
                  optimistic_init: float = 0.05, safe_exploration: bool = True,
-                 unknown_worker_fraction: float = 0.1) -> None:
+                 unknown_worker_fraction: float = 0.1, time_slicing: bool = True,
+                 slice_overhead: float = 0.25) -> None:
         if epsilon is None:
             epsilon = (0.05, 0.01, 2000) if pretrained else (0.3, 0.02, 1500)
         if not isinstance(epsilon, EpsilonSchedule):
@@ -228,6 +235,11 @@ class QLearningAgent(Agent):
         self.learning = bool(learn)
         self.safe_exploration = bool(safe_exploration)
         self.unknown_worker_fraction = float(unknown_worker_fraction)
+        if not 0 <= slice_overhead <= 10:
+            raise ValueError(f"slice_overhead must be in [0, 10], got {slice_overhead}")
+        self.time_slicing = bool(time_slicing)
+        self.slice_overhead = float(slice_overhead)
+        self.slice_gives = 0  # time-sliced threads added on purpose
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.q = np.full((N_STATES, N_ACTIONS), float(optimistic_init))
@@ -276,7 +288,7 @@ class QLearningAgent(Agent):
         sat_b = est.saturated_at[b]
         # On its plateau: releasing a CPU loses nothing (or, one below the known plateau,
         # tests whether the plateau reaches further down; see Estimator._extend_plateau).
-        flat_b = bool(sat_b) and alloc[b] >= sat_b
+        flat_b = bool(sat_b) and (alloc[b] > sat_b if est.floor_found[b] else alloc[b] >= sat_b)
         for j in range(n):
             if alloc[j] <= 1 or (j == b and not gpu_bound and not flat_b):
                 continue
@@ -336,6 +348,7 @@ class QLearningAgent(Agent):
         p = Perception(state=state_index(feats), features=feats, valid=valid, give_stage=b,
                        take_stage=take_stage, probe=probe, critical=critical, shed=shed,
                        give_bytes=give_bytes,
+                       give_fits=f_b == 1 and fits and not probe and not critical,
                        allocation=tuple(alloc), worst_fraction=worst / capacity)
         self._cache_info, self._cache = info, p
         return p
@@ -402,6 +415,35 @@ class QLearningAgent(Agent):
             return False, fallback
         return True, max(range(n), key=lambda j: alloc[j] - sub[j])
 
+    def _slice_pays(self, p: Perception, info: dict[str, Any]) -> bool:
+        """Would one more (time-sliced) thread for the bottleneck raise the objective?
+
+        Values the current allocation and the one with the bottleneck's extra thread with
+        the measured rates and the time-slicing share, using the measured context-switch
+        overhead or, before it is measured, the cautious prior ``slice_overhead``; the
+        gain must exceed ``slack_margin`` (relative) after the memory term. Once a thread
+        beyond the machine is added, the estimator measures the overhead from the change
+        of the other stages' rates, and the shedding plan (:meth:`_shed_move`) undoes
+        the move if the measured share says it does not pay.
+        """
+        est = self._est
+        alloc = list(p.allocation)
+        b = p.give_stage
+        cpus, gpu = int(info["cpus_total"]), float(info["gpu_rate"])
+        overhead = est.overhead if est.overhead is not None else self.slice_overhead
+
+        def value(a: list[int]) -> float:
+            share = time_share(a, cpus, overhead)
+            slowest = min(est.capacity(i, k, alloc[i]) for i, k in enumerate(a)) * share
+            return min(1.0, slowest / gpu) if math.isfinite(slowest) else 0.0
+
+        more = alloc.copy()
+        more[b] += 1
+        x_now = value(alloc)
+        capacity = float(info["memory_capacity_bytes"])
+        gain = value(more) - x_now - self.memory_weight * p.give_bytes / capacity
+        return gain > self.slack_margin * x_now
+
     # --- Agent API -----------------------------------------------------------------
     def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
         """Start an episode: forget the pipeline estimates, keep the table."""
@@ -426,6 +468,16 @@ class QLearningAgent(Agent):
             # Shield: shed memory now if the worst case is over the limit. Learnt from
             # (off-policy).
             a, learnable = TAKE, True
+        elif (self.time_slicing and p.features[1] >= 1 and p.give_fits
+              and self._slice_pays(p, info)):
+            # No CPU is free, but one more time-sliced thread for the bottleneck pays
+            # under the time-slicing model (see _slice_pays): a whole allocation, since
+            # the env's actions never oversubscribe. A plan, not learnt from.
+            alloc = list(p.allocation)
+            alloc[p.give_stage] += 1
+            self.slice_gives += 1
+            self._last = None
+            return Allocation(alloc)
         elif p.features[1] == 2:
             # Oversubscribed (the machine shrank): no CPU can be given back, so a release
             # is never explored; shed a CPU only while the model says it pays (see

@@ -67,6 +67,10 @@ class Estimator:
         self.saturated_age = [0] * n
         self.pending = [False] * n  # a CPU was added: judge it once enough samples exist
         self.suspect = [0] * n  # step of a judgement that found no gain (0: none)
+        self.plateau_n = [1] * n  # samples the plateau was measured with
+        # the lower end of the plateau was found (a release below the mark lost capacity):
+        # the mark is then a floor, not a spare CPU
+        self.floor_found = [False] * n
         self.prev_alloc: list[int] | None = None
         self.prev_static: float | None = None
         self.prev_bufcap: list[int] | None = None
@@ -119,7 +123,11 @@ class Estimator:
         resized = self.prev_cpus is not None and cpus_total != self.prev_cpus
         prev = self.prev_alloc
         self.step += 1
-        if resized and prev is not None:
+        # The allocation itself crossed into time-slicing (the agent oversubscribed on
+        # purpose): as after a resize, the rates just before are the reference.
+        crossed = (not resized and prev is not None
+                   and sum(alloc) > cpus_total >= sum(prev))
+        if (resized or crossed) and prev is not None:
             # dedicated-CPU rates before the resize: the reference for the share after it
             self._slice_ref, self._slice_alloc = list(self.rate), list(prev)
             self._slice_step, self._slice_sxx, self._slice_sxy = self.step, 0.0, 0.0
@@ -201,7 +209,9 @@ class Estimator:
         if per_cpu <= 4 * se:
             return  # not enough evidence yet; keep collecting
         self.pending[i] = False
-        if slope >= 0.25 * per_cpu:
+        # Not saturated if a CPU's gain is large, or significantly above zero (strong
+        # contention: small but real gains, which a bandwidth cap never shows).
+        if slope >= 0.25 * per_cpu or slope - 2 * se > 0:
             self.suspect[i] = 0
             return
         if not self.suspect[i] or self.step - self.suspect[i] > self.MEMORY_STEPS:
@@ -211,26 +221,34 @@ class Estimator:
         plateau = float(caps[ks == ks.max()].mean())
         self.saturated_at[i] = max(k0, min(k, math.ceil(plateau / per_cpu)))
         self.plateau[i] = plateau
+        self.plateau_n[i] = int(np.sum(ks == ks.max()))
+        self.floor_found[i] = False
         self.saturated_age[i] = 0
         self.suspect[i] = 0
 
     def _extend_plateau(self, i: int, k: int) -> None:
         """A saturated stage released below its mark: is it still on the plateau?
 
-        The mark moves down to ``k`` while the capacity measured there stays within two
-        noise deviations of the plateau, so useless CPUs are released one by one.
+        The mark moves down to ``k`` while the mean capacity measured there is not
+        significantly below the plateau (two standard errors of the difference of the
+        two means, from the measured noise), so useless CPUs are released one by one.
+        When it is, the evidence contradicts the plateau reaching ``k``: the mark goes
+        back to ``k + 1`` at once and becomes a floor (no more releases below it), so
+        the agent does not oscillate one CPU below a cap.
         """
         sat = self.saturated_at[i]
         if not sat or k >= sat:
             return
         samples = [h[2] for h in self.history[i] if h[1] == k]
-        if len(samples) < 3:
+        if len(samples) < 4:
             return
         mean = float(np.mean(samples))
-        if mean >= self.plateau[i] * (1 - 2 * math.sqrt(self.noise_var[i])):
+        se = math.sqrt(self.noise_var[i] * (1 / len(samples) + 1 / self.plateau_n[i]))
+        if mean >= self.plateau[i] * (1 - 2 * se):
             self.saturated_at[i] = k
         else:
             self.saturated_at[i] = k + 1  # the plateau starts above k
+            self.floor_found[i] = True
 
     def capacity(self, i: int, k: int, now: int | None = None) -> float:
         """Estimated samples/s of stage ``i`` with ``k`` dedicated CPUs (holding ``now``).
