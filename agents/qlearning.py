@@ -375,6 +375,32 @@ class QLearningAgent(Agent):
         n = len(alloc)
         if est.overhead is None:
             return True, fallback
+        cpus = int(info["cpus_total"])
+        objective, best = self._planner(alloc, info, worst)
+        x_now = objective(alloc)
+        # Shedding until the allocation fits lets the table rebalance afterwards: compare
+        # the best split of the machine's CPUs with the best time-sliced plan.
+        max_cpus = [int(m) for m in info["max_cpus"]]
+        x_fit, fit = best(max_cpus, cpus)
+        x_sub, sub = best(alloc, math.inf)
+        if fit is not None and x_fit >= max(x_sub, x_now):
+            return True, max(range(n), key=lambda j: alloc[j] - fit[j])
+        # Releases cannot be undone: move only for a clear gain, so that noise in the
+        # rates does not pick among near-equal plans and walk past the best one.
+        if sub is None or x_sub - x_now <= self.slack_margin * abs(x_now):
+            return False, fallback
+        return True, max(range(n), key=lambda j: alloc[j] - sub[j])
+
+    def _planner(self, alloc: list[int], info: dict[str, Any], worst: float) -> tuple[
+            Any, Any]:
+        """``(objective, best)`` for plans around ``alloc`` (see :meth:`_shed_move`).
+
+        ``objective(a)``: estimated throughput of ``a`` under the measured time-slicing
+        share, minus the memory term; ``best(limits, budget)``: the best allocation with
+        at most ``limits`` CPUs per stage and ``budget`` in all, and its objective.
+        """
+        est = self._est
+        n = len(alloc)
         cpus, gpu = int(info["cpus_total"]), float(info["gpu_rate"])
         capacity = float(info["memory_capacity_bytes"])
         elem = info["element_bytes"]
@@ -401,19 +427,7 @@ class QLearningAgent(Agent):
                     best_x, plan = x, need
             return best_x, plan
 
-        x_now = objective(alloc)
-        # Shedding until the allocation fits lets the table rebalance afterwards: compare
-        # the best split of the machine's CPUs with the best time-sliced plan.
-        max_cpus = [int(m) for m in info["max_cpus"]]
-        x_fit, fit = best(max_cpus, cpus)
-        x_sub, sub = best(alloc, math.inf)
-        if fit is not None and x_fit >= max(x_sub, x_now):
-            return True, max(range(n), key=lambda j: alloc[j] - fit[j])
-        # Releases cannot be undone: move only for a clear gain, so that noise in the
-        # rates does not pick among near-equal plans and walk past the best one.
-        if sub is None or x_sub - x_now <= self.slack_margin * abs(x_now):
-            return False, fallback
-        return True, max(range(n), key=lambda j: alloc[j] - sub[j])
+        return objective, best
 
     def _slice_pays(self, p: Perception, info: dict[str, Any]) -> bool:
         """Would one more (time-sliced) thread for the bottleneck raise the objective?
@@ -437,10 +451,22 @@ class QLearningAgent(Agent):
             slowest = min(est.capacity(i, k, alloc[i]) for i, k in enumerate(a)) * share
             return min(1.0, slowest / gpu) if math.isfinite(slowest) else 0.0
 
+        capacity = float(info["memory_capacity_bytes"])
+        if est.overhead is not None and sum(alloc) > cpus:
+            # Already time-sliced, overhead measured: one planner for adding and shedding
+            # threads, so the two never work against each other. Add a thread to the
+            # bottleneck only if the best plan (any number of threads) gives it more and
+            # beats both the current allocation and the best split of the machine.
+            objective, best = self._planner(alloc, info, p.worst_fraction * capacity)
+            max_cpus = [int(m) for m in info["max_cpus"]]
+            x_all, plan = best(max_cpus, math.inf)
+            x_fit, _ = best(max_cpus, cpus)
+            x_now = objective(alloc)
+            return (plan is not None and plan[b] > alloc[b]
+                    and x_all - max(x_now, x_fit) > self.slack_margin * abs(x_now))
         more = alloc.copy()
         more[b] += 1
         x_now = value(alloc)
-        capacity = float(info["memory_capacity_bytes"])
         gain = value(more) - x_now - self.memory_weight * p.give_bytes / capacity
         return gain > self.slack_margin * x_now
 

@@ -409,7 +409,8 @@ def test_rule_agent_ignores_the_table() -> None:
     rule = RuleAgent(seed=0)
     p = ql.Perception(state=0, features=(1, 0, 1, 0), valid=np.array([True, True, True]),
                       give_stage=0, take_stage=1, probe=False, critical=False, shed=False,
-                      give_bytes=0.0, allocation=(1, 2), worst_fraction=0.1)
+                      give_bytes=0.0, give_fits=True, allocation=(1, 2),
+                      worst_fraction=0.1)
     rule.q[:] = 0.0
     rule.q[0, ql.NOOP] = 5.0  # the table would say noop
     assert rule.greedy(p) == GIVE
