@@ -240,6 +240,7 @@ class QLearningAgent(Agent):
         self.time_slicing = bool(time_slicing)
         self.slice_overhead = float(slice_overhead)
         self.slice_gives = 0  # time-sliced threads added on purpose
+        self._last_shed = -10**9  # estimator step of the last oversubscribed release
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.q = np.full((N_STATES, N_ACTIONS), float(optimistic_init))
@@ -462,8 +463,12 @@ class QLearningAgent(Agent):
             x_all, plan = best(max_cpus, math.inf)
             x_fit, _ = best(max_cpus, cpus)
             x_now = objective(alloc)
+            # Twice the margin a release needs, and never right after a release: a
+            # hysteresis band, so noisy rates cannot make add and shed alternate.
+            if self._est.step - self._last_shed <= self._est.MEMORY_STEPS:
+                return False
             return (plan is not None and plan[b] > alloc[b]
-                    and x_all - max(x_now, x_fit) > self.slack_margin * abs(x_now))
+                    and x_all - max(x_now, x_fit) > 2 * self.slack_margin * abs(x_now))
         more = alloc.copy()
         more[b] += 1
         x_now = value(alloc)
@@ -476,6 +481,7 @@ class QLearningAgent(Agent):
         self._est = Estimator(self.rate_ema)
         self._est.start(info)
         self._cache_info, self._cache, self._last = None, None, None
+        self._last_shed = -10**9
 
     def greedy(self, p: Perception) -> int:
         """Best valid abstract action for a perception (ties broken at random)."""
@@ -509,6 +515,8 @@ class QLearningAgent(Agent):
             # is never explored; shed a CPU only while the model says it pays (see
             # _shed_move). Learnt from (off-policy).
             a, learnable = (TAKE if p.shed else NOOP), True
+            if p.shed:
+                self._last_shed = self._est.step
         elif self.rng.random() < eps:
             explore = p.valid.copy()
             if self.safe_exploration and not p.features[2]:
