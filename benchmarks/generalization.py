@@ -208,7 +208,9 @@ def histogram(rows: list[dict[str, Any]], agents: tuple[str, ...], path: Path,
         ax.axvline(0.95, color="tab:red", lw=0.8)
     np.atleast_1d(axes)[-1].set_xlabel("fraction of holding the oracle allocation "
                                        "(last 20%; 0 = OOM); red: 0.95")
-    fig.suptitle(title, fontsize=10)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(base.with_suffix(".md"), text)
     write_json_atomic(base.with_suffix(".json"), _finite({"summary": summary, "episodes": rows}),
                       indent=1)
-    histogram(rows, agents, base.with_suffix(".png"), title[:120])
+    histogram(rows, agents, base.with_suffix(".png"), title)
     print(text)
     print(f"wrote {base}.md, .json, .png")
     return 0
