@@ -184,7 +184,7 @@ def generate_scenario(seed: int, index: int | None = None) -> dict[str, Any]:
     # A co-tenant must not crash even the oracle's allocation of the phase before it
     # arrives (no tuner could avoid that crash): shrink it until it does not, else drop it.
     for _ in range(8):
-        if _oracle_survives_events(out):
+        if oracle_survives_events(out):
             break
         for ev in out["events"]:
             if ev.get("cotenant_memory_gib"):
@@ -194,13 +194,17 @@ def generate_scenario(seed: int, index: int | None = None) -> dict[str, Any]:
     return out
 
 
-def _oracle_survives_events(data: dict[str, Any]) -> bool:
-    """Does the previous phase's oracle allocation fit (worst case) after every event?"""
+def oracle_survives_events(data: Any) -> bool:
+    """Does the previous phase's oracle allocation fit (worst case) after every event?
+
+    ``data``: a scenario dict or :class:`simulators.scenario.Scenario`. False means some
+    event crashes even the oracle: no tuner could avoid that out-of-memory crash.
+    """
     from simulators.conditions import Conditions, compile_conditions
     from simulators.oracle import oracle
-    from simulators.scenario import scenario_from_dict
+    from simulators.scenario import load_scenario
 
-    sc = scenario_from_dict(data)
+    sc = load_scenario(data)
     cond = Conditions.initial(sc)
     best = oracle(cond).allocation
     for ev in sorted(sc.events, key=lambda e: e.at_s):
