@@ -55,6 +55,15 @@ linearly from the current per-CPU rate, so a stage whose per-thread rate rises a
 are released (contention) is undervalued with fewer threads, and the agent may keep more
 time-sliced threads than the best allocation has.
 
+Time-slicing on purpose. With few CPUs and many stages the best allocation often has
+more threads than CPUs. When no CPU is free and the bottleneck could take a worker whose
+memory fits, the agent adds a time-sliced thread for it as a whole allocation
+(``set_allocation``; env actions never oversubscribe) if its model says it pays: before
+the context-switch overhead is measured, one thread is valued with a cautious prior
+(``slice_overhead``); crossing into time-slicing makes the estimator measure the overhead
+from the other stages' rates, and from then on one planner decides both adding and
+shedding threads (adding needs twice the margin and no release in the last
+``MEMORY_STEPS`` steps, so the two never alternate). These moves are plans, not learnt.
 """
 
 from __future__ import annotations

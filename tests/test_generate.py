@@ -107,3 +107,21 @@ def test_expand_suite_and_make() -> None:
         load_scenario("suite:test:9999")
     with pytest.raises(ScenarioError, match="not a suite member"):
         load_scenario("suite:bogus:1")
+
+
+def test_generalization_benchmark_runs(tmp_path) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import generalization
+
+    out = tmp_path / "res"
+    assert generalization.main(["--split", "train", "--count", "2", "--seeds", "1",
+                                "--workers", "1", "--agents", "qlearning,even-fit",
+                                "--out", str(out)]) == 0
+    data = json.loads((out / "generalization-train.json").read_text())
+    assert len(data["episodes"]) == 4
+    assert all(0 <= r["fraction"] <= 1.3 for r in data["episodes"])
+    assert (out / "generalization-train.png").stat().st_size > 1000
+    assert "| qlearning | 2 |" in (out / "generalization-train.md").read_text()
