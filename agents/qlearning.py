@@ -2,31 +2,12 @@
 
 The agent keeps a Q-table over an *abstract* state and *abstract* actions, so the table
 has the same tiny shape (54 states x 3 actions) for every machine size and stage count,
-and a table learnt on some pipelines applies to others.
+and a table learnt on some pipelines applies to others. Three files, read in this order:
 
-Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
-
-- per-stage capacity: ``processed / busy seconds`` is the rate of one CPU of the stage
-  (``stage_busy_s = utilisation * cpus * dt``), divided by the time-slice share when the
-  machine is oversubscribed and smoothed by an exponential moving average (``rate_ema``);
-  capacity with ``k`` CPUs is estimated as ``rate * k``. Scaling down is conservative for
-  concave stages (contention, bandwidth caps), so slack is never over-estimated;
-- time-slicing: ``total`` workers on ``cpus`` CPUs each get a share
-  ``(cpus / total) / (1 + overhead * (total / cpus - 1))`` of a CPU. ``overhead`` (context
-  switches) is fitted by least squares after the machine is resized, from each stage's
-  per-CPU rate measured after the resize divided by its rate just before (same CPUs for
-  the stage, so only the share differs);
-- memory: ``static = memory_bytes - sum(buffer_levels * element_bytes)`` is the memory of
-  workers, fixed state and everything outside the pipeline; it changes only when CPUs
-  change (or an event happens), so after a one-CPU move on stage ``i`` the change of
-  ``static`` is that stage's per-worker memory, and the change of its buffer capacity its
-  per-CPU prefetch. The worst case of an allocation (every buffer full) is then
-  ``static + sum(buffer_capacity * element_bytes)``, predicted exactly;
-- saturation (a bandwidth cap): a least-squares fit of measured capacity against CPUs
-  over recent samples; if the slope stays under a quarter of the per-CPU rate (judged
-  only with enough statistical power, confirmed twice so a rate drift is not taken for
-  it), the stage is marked saturated, its plateau counts as spare CPUs, and the mark is
-  moved down while releasing CPUs does not lower the capacity.
+- :mod:`agents.qlearning_estimator`: per-stage rate and memory estimates, saturation
+  marks and the statistical tests behind them (what the agent measures);
+- this module: the state abstraction, Q-learning, the memory shield, act/observe;
+- :mod:`agents.qlearning_table`: the table file format (read/write) and state indexing.
 
 Abstract state (``FEATURES``): which is the bottleneck (the GPU / a stage that can take
 another CPU / a stage that cannot: at ``max_cpus`` or saturated), CPUs (some free / none
@@ -74,18 +55,21 @@ linearly from the current per-CPU rate, so a stage whose per-thread rate rises a
 are released (contention) is undervalued with fewer threads, and the agent may keep more
 time-sliced threads than the best allocation has.
 
-Table files are JSON with a ``format_version`` field, written atomically (temporary file in
-the same folder, then ``os.replace``); a corrupt, truncated, wrong-version or wrong-shape
-file raises :class:`QTableError` (a ``ValueError``) naming the file and the fault.
+Time-slicing on purpose. With few CPUs and many stages the best allocation often has
+more threads than CPUs. When no CPU is free and the bottleneck could take a worker whose
+memory fits, the agent adds a time-sliced thread for it as a whole allocation
+(``set_allocation``; env actions never oversubscribe) if its model says it pays: before
+the context-switch overhead is measured, one thread is valued with a cautious prior
+(``slice_overhead``); crossing into time-slicing makes the estimator measure the overhead
+from the other stages' rates, and from then on one planner decides both adding and
+shedding threads (adding needs twice the margin and no release in the last
+``MEMORY_STEPS`` steps, so the two never alternate). These moves are plans, not learnt.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,30 +78,52 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent, Allocation
+from agents.qlearning_estimator import Estimator, time_share
+from agents.qlearning_table import (
+    ACTIONS,
+    FEATURES,
+    FILE_KIND,
+    FORMAT_VERSION,
+    GIVE,
+    N_ACTIONS,
+    N_STATES,
+    NOOP,
+    PRETRAINED_PATH,
+    TAKE,
+    QTableError,
+    describe_state,
+    read_table,
+    state_features,
+    state_index,
+    write_table,
+)
 from intune_env import common
 
-FORMAT_VERSION = 1
-FILE_KIND = "intune-qlearning-table"
-
-#: Abstract state features: (name, values). The state index is their mixed-radix number.
-FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("bottleneck", ("gpu", "stage_addable", "stage_blocked")),
-    ("cpus", ("free", "none_free", "oversubscribed")),
-    ("slack", ("none", "some")),
-    ("memory", ("fits", "tight", "critical")),
-)
-#: Abstract actions, mapped to env actions each step.
-ACTIONS: tuple[str, ...] = ("noop", "give", "take")
-NOOP, GIVE, TAKE = range(3)
-N_STATES = math.prod(len(v) for _, v in FEATURES)
-N_ACTIONS = len(ACTIONS)
-
-#: The table shipped with the package (see ``benchmarks/pretrain_qlearning.py``).
-PRETRAINED_PATH = Path(__file__).with_name("pretrained") / "qtable.json"
-
-
-class QTableError(ValueError):
-    """A Q-table file cannot be used; the message names the file and the fault."""
+__all__ = [
+    "ACTIONS",
+    "FEATURES",
+    "FILE_KIND",
+    "FORMAT_VERSION",
+    "GIVE",
+    "NOOP",
+    "N_ACTIONS",
+    "N_STATES",
+    "PRETRAINED_PATH",
+    "TAKE",
+    "EpsilonSchedule",
+    "Estimator",
+    "FrozenQLearningAgent",
+    "Perception",
+    "QLearningAgent",
+    "QTableError",
+    "RuleAgent",
+    "describe_state",
+    "read_table",
+    "state_features",
+    "state_index",
+    "time_share",
+    "write_table",
+]
 
 
 @dataclass(frozen=True)
@@ -155,259 +161,10 @@ class Perception:
     critical: bool  # current worst case already above the memory limit
     shed: bool  # oversubscribed and releasing ``take_stage`` moves towards a better plan
     give_bytes: float  # memory a give is predicted to add (worker + prefetch; 0 if none)
+    give_fits: bool  # the bottleneck stage can take a worker and its memory is known to fit
     allocation: tuple[int, ...]
     worst_fraction: float  # predicted worst-case memory / capacity
 
-
-def state_index(features: Sequence[int]) -> int:
-    """Mixed-radix index of a feature tuple (see ``FEATURES``)."""
-    idx = 0
-    for (_, values), f in zip(FEATURES, features, strict=True):
-        idx = idx * len(values) + int(f)
-    return idx
-
-
-def state_features(index: int) -> tuple[int, ...]:
-    """Inverse of :func:`state_index`."""
-    out = []
-    for _, values in reversed(FEATURES):
-        out.append(index % len(values))
-        index //= len(values)
-    return tuple(reversed(out))
-
-
-def describe_state(index: int) -> str:
-    """Readable name of a state, e.g. ``bottleneck=gpu cpus=free slack=some memory=fits``."""
-    return " ".join(f"{name}={values[f]}"
-                    for (name, values), f in zip(FEATURES, state_features(index), strict=True))
-
-
-class _Estimator:
-    """Online per-stage estimates of capacity, per-worker memory and saturation."""
-
-    def __init__(self, rate_ema: float) -> None:
-        self.beta = rate_ema
-        self.n = 0
-
-    #: Samples (over at least two CPU counts) before judging whether added CPUs help.
-    MIN_SAMPLES = 6
-    #: Steps after which a CPU count's capacity samples are forgotten (conditions drift).
-    MEMORY_STEPS = 25
-    #: Steps after which a saturation mark is dropped and the stage probed again.
-    SATURATION_STEPS = 300
-
-    def start(self, info: dict[str, Any]) -> None:
-        n = len(info["allocation"])
-        self.n = n
-        self.rate = [math.nan] * n  # samples/s per dedicated CPU (smoothed)
-        self.noise_var = [0.05**2] * n  # relative variance of one measurement (smoothed)
-        # per stage: recent (step, CPUs, measured capacity) samples
-        self.history: list[list[tuple[int, int, float]]] = [[] for _ in range(n)]
-        self.step = 0
-        self.worker_bytes: list[float | None] = [None] * n
-        self.buffer_per_cpu: list[float | None] = [None] * n  # samples per CPU
-        self.saturated_at = [0] * n  # 0: not saturated; k: adding beyond k does not help
-        self.plateau = [0.0] * n  # capacity of a saturated stage
-        self.saturated_age = [0] * n
-        self.pending = [False] * n  # a CPU was added: judge it once enough samples exist
-        self.suspect = [0] * n  # step of a judgement that found no gain (0: none)
-        self.prev_alloc: list[int] | None = None
-        self.prev_static: float | None = None
-        self.prev_bufcap: list[int] | None = None
-        self.prev_cpus: int | None = None
-        # time-slicing overhead, fitted after a resize (None: never measured)
-        self.overhead: float | None = None
-        self._slice_sxx = self._slice_sxy = 0.0
-        self._slice_ref: list[float] = []  # per-CPU rates just before the resize
-        self._slice_alloc: list[int] = []  # the allocation they were measured with
-        self._slice_step = -self.MEMORY_STEPS
-
-    def share(self, alloc: Sequence[int], cpus_total: int) -> float:
-        """Estimated fraction of a dedicated CPU's rate each worker of ``alloc`` gets."""
-        return time_share(alloc, cpus_total, self.overhead or 0.0)
-
-    def _fit_overhead(self, alloc: list[int], cpus_total: int, busy: Sequence[float],
-                      processed: Sequence[float]) -> None:
-        """Fit the time-slicing overhead from the per-CPU rates measured across a resize.
-
-        A worker's measured rate divided by its stage's rate just before the resize (same
-        CPUs for the stage, so contention is unchanged) is the share ``s`` it now gets.
-        The model ``s = (cpus / total) / (1 + overhead * x)`` with ``x = total / cpus - 1``
-        gives ``y = (cpus / total) / s - 1 = overhead * x``, fitted by least squares over
-        every such sample of the ``MEMORY_STEPS`` steps after the resize (small ``x``,
-        which says little, weighs little).
-        """
-        total = sum(alloc)
-        if total <= cpus_total or self.step - self._slice_step > self.MEMORY_STEPS:
-            return
-        x = total / cpus_total - 1
-        for i in range(self.n):
-            ref = self._slice_ref[i]
-            if (alloc[i] != self._slice_alloc[i] or not math.isfinite(ref) or ref <= 0
-                    or busy[i] <= 0 or processed[i] <= 0):
-                continue
-            s = processed[i] / busy[i] / ref
-            self._slice_sxx += x * x
-            self._slice_sxy += x * (cpus_total / total / s - 1)
-        if self._slice_sxx > 0:
-            self.overhead = max(0.0, self._slice_sxy / self._slice_sxx)
-
-    def update(self, info: dict[str, Any]) -> None:
-        """Fold one step's measurements into the estimates."""
-        if self.n != len(info["allocation"]):
-            self.start(info)
-        alloc = [int(k) for k in info["allocation"]]
-        busy = info["stage_busy_s"]
-        processed = info["stage_processed"]
-        cpus_total = int(info["cpus_total"])
-        resized = self.prev_cpus is not None and cpus_total != self.prev_cpus
-        prev = self.prev_alloc
-        self.step += 1
-        if resized and prev is not None:
-            # dedicated-CPU rates before the resize: the reference for the share after it
-            self._slice_ref, self._slice_alloc = list(self.rate), list(prev)
-            self._slice_step, self._slice_sxx, self._slice_sxy = self.step, 0.0, 0.0
-        self._fit_overhead(alloc, cpus_total, busy, processed)
-        share = self.share(alloc, cpus_total)
-        for i in range(self.n):
-            if resized:
-                self.history[i] = []
-            elif prev is not None and alloc[i] != prev[i]:
-                self.pending[i] = alloc[i] > prev[i]
-            if busy[i] > 0 and processed[i] > 0:
-                r = processed[i] / busy[i] / share  # per dedicated CPU
-                if math.isnan(self.rate[i]) or resized:
-                    self.rate[i] = r  # time-slicing changed: old rates are stale
-                else:
-                    rel = (r - self.rate[i]) / self.rate[i]
-                    self.noise_var[i] += 0.1 * (rel * rel - self.noise_var[i])
-                    self.rate[i] += self.beta * (r - self.rate[i])
-                self.history[i].append((self.step, alloc[i], r * alloc[i]))
-        elem = info["element_bytes"]
-        static = float(info["memory_bytes"]) - sum(
-            b * e for b, e in zip(info["buffer_levels"], elem, strict=True))
-        bufcap = [int(c) for c in info["buffer_capacities"]]
-        if prev is not None and self.prev_static is not None and not resized:
-            moved = [i for i in range(self.n) if alloc[i] != prev[i]]
-            if len(moved) == 1:
-                i = moved[0]
-                delta = alloc[i] - prev[i]
-                w = (static - self.prev_static) / delta
-                # A simultaneous memory event would corrupt the difference: keep only
-                # plausible values (non-negative, within the rigorous bound).
-                if 0 <= w <= max(self.prev_static, static) / max(1, min(alloc[i], prev[i])):
-                    self.worker_bytes[i] = w
-                assert self.prev_bufcap is not None
-                db = (bufcap[i] - self.prev_bufcap[i]) / delta
-                if db >= 0:
-                    self.buffer_per_cpu[i] = db
-        for i in range(self.n):
-            self._check_saturation(i, alloc[i])
-            self._extend_plateau(i, alloc[i])
-            if self.saturated_at[i]:
-                self.saturated_age[i] += 1
-                # Conditions change (events): forget after a while and re-probe.
-                if self.saturated_age[i] > self.SATURATION_STEPS or resized:
-                    self.saturated_at[i] = 0
-        self.prev_alloc = alloc
-        self.prev_static = static
-        self.prev_bufcap = bufcap
-        self.prev_cpus = cpus_total
-        self.static = static
-        self.bufcap = bufcap
-
-    def _check_saturation(self, i: int, k: int) -> None:
-        """After an added CPU: does capacity still grow with CPUs?
-
-        Fits capacity against CPUs over the recent samples (least squares). Saturated (a
-        bandwidth cap) if the slope is under a quarter of the stage's per-CPU rate.
-        Judged only when the per-CPU rate stands 4 standard errors of the slope above
-        zero, so noise and contention do not trigger it, and only on the second such
-        finding in a row (the first may be a rate drift that happened among the
-        samples; they are then dropped). The saturation point is where the per-CPU
-        rate at the fewest CPUs measured would reach today's capacity.
-        """
-        hist = self.history[i]
-        while hist and self.step - hist[0][0] > self.MEMORY_STEPS:
-            hist.pop(0)
-        if not self.pending[i] or len(hist) < self.MIN_SAMPLES:
-            return
-        ks = np.array([h[1] for h in hist], dtype=float)
-        caps = np.array([h[2] for h in hist])
-        sxx = float(np.sum((ks - ks.mean()) ** 2))
-        if sxx <= 0:
-            return
-        slope = float(np.sum((ks - ks.mean()) * (caps - caps.mean()))) / sxx
-        resid = caps - caps.mean() - slope * (ks - ks.mean())
-        se = math.sqrt(float(np.sum(resid**2)) / (len(hist) - 2) / sxx)
-        k0 = int(ks.min())
-        per_cpu = float(caps[ks == k0].mean()) / k0
-        if per_cpu <= 4 * se:
-            return  # not enough evidence yet; keep collecting
-        self.pending[i] = False
-        if slope >= 0.25 * per_cpu:
-            self.suspect[i] = 0
-            return
-        if not self.suspect[i] or self.step - self.suspect[i] > self.MEMORY_STEPS:
-            self.suspect[i] = self.step
-            self.history[i] = [h for h in hist if h[1] == k]
-            return
-        plateau = float(caps[ks == ks.max()].mean())
-        self.saturated_at[i] = max(k0, min(k, math.ceil(plateau / per_cpu)))
-        self.plateau[i] = plateau
-        self.saturated_age[i] = 0
-        self.suspect[i] = 0
-
-    def _extend_plateau(self, i: int, k: int) -> None:
-        """A saturated stage released below its mark: is it still on the plateau?
-
-        The mark moves down to ``k`` while the capacity measured there stays within two
-        noise deviations of the plateau, so useless CPUs are released one by one.
-        """
-        sat = self.saturated_at[i]
-        if not sat or k >= sat:
-            return
-        samples = [h[2] for h in self.history[i] if h[1] == k]
-        if len(samples) < 3:
-            return
-        mean = float(np.mean(samples))
-        if mean >= self.plateau[i] * (1 - 2 * math.sqrt(self.noise_var[i])):
-            self.saturated_at[i] = k
-        else:
-            self.saturated_at[i] = k + 1  # the plateau starts above k
-
-    def capacity(self, i: int, k: int, now: int | None = None) -> float:
-        """Estimated samples/s of stage ``i`` with ``k`` dedicated CPUs (holding ``now``).
-
-        Linear in ``k`` from the measured per-CPU rate, except that a saturated stage
-        keeps its capacity down to its saturation point.
-        """
-        r = self.rate[i]
-        if math.isnan(r):
-            return math.inf
-        sat = self.saturated_at[i]
-        if now is not None and sat and k >= sat and now >= sat:
-            return r * now  # flat beyond the saturation point
-        return r * k
-
-    def throughput(self, alloc: Sequence[int], cpus_total: int, gpu_rate: float,
-                   now: Sequence[int]) -> float:
-        """Estimated steady throughput of ``alloc`` (rates measured holding ``now``)."""
-        share = self.share(alloc, cpus_total)
-        slowest = min(self.capacity(i, k, now[i]) for i, k in enumerate(alloc)) * share
-        return min(1.0, slowest / gpu_rate) if math.isfinite(slowest) else 0.0
-
-
-def time_share(alloc: Sequence[int], cpus_total: int, overhead: float = 0.0) -> float:
-    """Fraction of a CPU's rate each worker keeps when ``sum(alloc)`` workers share the machine.
-
-    Time-slicing gives each worker ``cpus_total / total`` of a CPU, of which context
-    switches cost a further ``overhead`` per 100% of oversubscription.
-    """
-    total = sum(alloc)
-    if total <= cpus_total:
-        return 1.0
-    return cpus_total / total / (1.0 + overhead * (total / cpus_total - 1.0))
 
 
 class QLearningAgent(Agent):
@@ -437,6 +194,11 @@ class QLearningAgent(Agent):
             pretraining turns it off.
         unknown_worker_fraction: per-worker memory assumed (as a fraction of capacity) for
             a one-CPU stage whose workers were never measured and cannot be probed.
+        time_slicing: when no CPU is free, add a time-sliced thread to the bottleneck
+            (a whole allocation through ``set_allocation``) while the time-slicing model
+            says it pays (see :meth:`_slice_pays`); ``False`` never oversubscribes.
+        slice_overhead: context-switch overhead assumed before it is measured (per 100%
+            of oversubscription; cautious: the simulator's default is 0.1).
     """
 
     name = "qlearning"
@@ -448,7 +210,8 @@ class QLearningAgent(Agent):
                  slack_margin: float = 0.03, gpu_tolerance: float = 0.01,
                  rate_ema: float = 0.3, learn: bool = True,
                  optimistic_init: float = 0.05, safe_exploration: bool = True,
-                 unknown_worker_fraction: float = 0.1) -> None:
+                 unknown_worker_fraction: float = 0.1, time_slicing: bool = True,
+                 slice_overhead: float = 0.25) -> None:
         if epsilon is None:
             epsilon = (0.05, 0.01, 2000) if pretrained else (0.3, 0.02, 1500)
         if not isinstance(epsilon, EpsilonSchedule):
@@ -481,6 +244,12 @@ class QLearningAgent(Agent):
         self.learning = bool(learn)
         self.safe_exploration = bool(safe_exploration)
         self.unknown_worker_fraction = float(unknown_worker_fraction)
+        if not 0 <= slice_overhead <= 10:
+            raise ValueError(f"slice_overhead must be in [0, 10], got {slice_overhead}")
+        self.time_slicing = bool(time_slicing)
+        self.slice_overhead = float(slice_overhead)
+        self.slice_gives = 0  # time-sliced threads added on purpose
+        self._last_shed = -10**9  # estimator step of the last oversubscribed release
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.q = np.full((N_STATES, N_ACTIONS), float(optimistic_init))
@@ -492,7 +261,7 @@ class QLearningAgent(Agent):
             q, visits, meta = read_table(path)
             self.q, self.visits, self.metadata = q, visits, meta
         self.name = "qlearning" if pretrained else "qlearning-scratch"
-        self._est = _Estimator(self.rate_ema)
+        self._est = Estimator(self.rate_ema)
         self._cache_info: dict[str, Any] | None = None
         self._cache: Perception | None = None
         self._last: tuple[Perception, int, bool] | None = None  # (perception, action, learnable)
@@ -528,8 +297,8 @@ class QLearningAgent(Agent):
         best, best_over = -1, -math.inf
         sat_b = est.saturated_at[b]
         # On its plateau: releasing a CPU loses nothing (or, one below the known plateau,
-        # tests whether the plateau reaches further down; see _Estimator._extend_plateau).
-        flat_b = bool(sat_b) and alloc[b] >= sat_b
+        # tests whether the plateau reaches further down; see Estimator._extend_plateau).
+        flat_b = bool(sat_b) and (alloc[b] > sat_b if est.floor_found[b] else alloc[b] >= sat_b)
         for j in range(n):
             if alloc[j] <= 1 or (j == b and not gpu_bound and not flat_b):
                 continue
@@ -589,6 +358,7 @@ class QLearningAgent(Agent):
         p = Perception(state=state_index(feats), features=feats, valid=valid, give_stage=b,
                        take_stage=take_stage, probe=probe, critical=critical, shed=shed,
                        give_bytes=give_bytes,
+                       give_fits=f_b == 1 and fits and not probe and not critical,
                        allocation=tuple(alloc), worst_fraction=worst / capacity)
         self._cache_info, self._cache = info, p
         return p
@@ -615,6 +385,32 @@ class QLearningAgent(Agent):
         n = len(alloc)
         if est.overhead is None:
             return True, fallback
+        cpus = int(info["cpus_total"])
+        objective, best = self._planner(alloc, info, worst)
+        x_now = objective(alloc)
+        # Shedding until the allocation fits lets the table rebalance afterwards: compare
+        # the best split of the machine's CPUs with the best time-sliced plan.
+        max_cpus = [int(m) for m in info["max_cpus"]]
+        x_fit, fit = best(max_cpus, cpus)
+        x_sub, sub = best(alloc, math.inf)
+        if fit is not None and x_fit >= max(x_sub, x_now):
+            return True, max(range(n), key=lambda j: alloc[j] - fit[j])
+        # Releases cannot be undone: move only for a clear gain, so that noise in the
+        # rates does not pick among near-equal plans and walk past the best one.
+        if sub is None or x_sub - x_now <= self.slack_margin * abs(x_now):
+            return False, fallback
+        return True, max(range(n), key=lambda j: alloc[j] - sub[j])
+
+    def _planner(self, alloc: list[int], info: dict[str, Any], worst: float) -> tuple[
+            Any, Any]:
+        """``(objective, best)`` for plans around ``alloc`` (see :meth:`_shed_move`).
+
+        ``objective(a)``: estimated throughput of ``a`` under the measured time-slicing
+        share, minus the memory term; ``best(limits, budget)``: the best allocation with
+        at most ``limits`` CPUs per stage and ``budget`` in all, and its objective.
+        """
+        est = self._est
+        n = len(alloc)
         cpus, gpu = int(info["cpus_total"]), float(info["gpu_rate"])
         capacity = float(info["memory_capacity_bytes"])
         elem = info["element_bytes"]
@@ -641,26 +437,60 @@ class QLearningAgent(Agent):
                     best_x, plan = x, need
             return best_x, plan
 
-        x_now = objective(alloc)
-        # Shedding until the allocation fits lets the table rebalance afterwards: compare
-        # the best split of the machine's CPUs with the best time-sliced plan.
-        max_cpus = [int(m) for m in info["max_cpus"]]
-        x_fit, fit = best(max_cpus, cpus)
-        x_sub, sub = best(alloc, math.inf)
-        if fit is not None and x_fit >= max(x_sub, x_now):
-            return True, max(range(n), key=lambda j: alloc[j] - fit[j])
-        # Releases cannot be undone: move only for a clear gain, so that noise in the
-        # rates does not pick among near-equal plans and walk past the best one.
-        if sub is None or x_sub - x_now <= self.slack_margin * abs(x_now):
-            return False, fallback
-        return True, max(range(n), key=lambda j: alloc[j] - sub[j])
+        return objective, best
+
+    def _slice_pays(self, p: Perception, info: dict[str, Any]) -> bool:
+        """Would one more (time-sliced) thread for the bottleneck raise the objective?
+
+        Values the current allocation and the one with the bottleneck's extra thread with
+        the measured rates and the time-slicing share, using the measured context-switch
+        overhead or, before it is measured, the cautious prior ``slice_overhead``; the
+        gain must exceed ``slack_margin`` (relative) after the memory term. Once a thread
+        beyond the machine is added, the estimator measures the overhead from the change
+        of the other stages' rates, and the shedding plan (:meth:`_shed_move`) undoes
+        the move if the measured share says it does not pay.
+        """
+        est = self._est
+        alloc = list(p.allocation)
+        b = p.give_stage
+        cpus, gpu = int(info["cpus_total"]), float(info["gpu_rate"])
+        overhead = est.overhead if est.overhead is not None else self.slice_overhead
+
+        def value(a: list[int]) -> float:
+            share = time_share(a, cpus, overhead)
+            slowest = min(est.capacity(i, k, alloc[i]) for i, k in enumerate(a)) * share
+            return min(1.0, slowest / gpu) if math.isfinite(slowest) else 0.0
+
+        capacity = float(info["memory_capacity_bytes"])
+        if est.overhead is not None and sum(alloc) > cpus:
+            # Already time-sliced, overhead measured: one planner for adding and shedding
+            # threads, so the two never work against each other. Add a thread to the
+            # bottleneck only if the best plan (any number of threads) gives it more and
+            # beats both the current allocation and the best split of the machine.
+            objective, best = self._planner(alloc, info, p.worst_fraction * capacity)
+            max_cpus = [int(m) for m in info["max_cpus"]]
+            x_all, plan = best(max_cpus, math.inf)
+            x_fit, _ = best(max_cpus, cpus)
+            x_now = objective(alloc)
+            # Twice the margin a release needs, and never right after a release: a
+            # hysteresis band, so noisy rates cannot make add and shed alternate.
+            if self._est.step - self._last_shed <= self._est.MEMORY_STEPS:
+                return False
+            return (plan is not None and plan[b] > alloc[b]
+                    and x_all - max(x_now, x_fit) > 2 * self.slack_margin * abs(x_now))
+        more = alloc.copy()
+        more[b] += 1
+        x_now = value(alloc)
+        gain = value(more) - x_now - self.memory_weight * p.give_bytes / capacity
+        return gain > self.slack_margin * x_now
 
     # --- Agent API -----------------------------------------------------------------
     def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
         """Start an episode: forget the pipeline estimates, keep the table."""
-        self._est = _Estimator(self.rate_ema)
+        self._est = Estimator(self.rate_ema)
         self._est.start(info)
         self._cache_info, self._cache, self._last = None, None, None
+        self._last_shed = -10**9
 
     def greedy(self, p: Perception) -> int:
         """Best valid abstract action for a perception (ties broken at random)."""
@@ -679,11 +509,23 @@ class QLearningAgent(Agent):
             # Shield: shed memory now if the worst case is over the limit. Learnt from
             # (off-policy).
             a, learnable = TAKE, True
+        elif (self.time_slicing and p.features[1] >= 1 and p.give_fits
+              and self._slice_pays(p, info)):
+            # No CPU is free, but one more time-sliced thread for the bottleneck pays
+            # under the time-slicing model (see _slice_pays): a whole allocation, since
+            # the env's actions never oversubscribe. A plan, not learnt from.
+            alloc = list(p.allocation)
+            alloc[p.give_stage] += 1
+            self.slice_gives += 1
+            self._last = None
+            return Allocation(alloc)
         elif p.features[1] == 2:
             # Oversubscribed (the machine shrank): no CPU can be given back, so a release
             # is never explored; shed a CPU only while the model says it pays (see
             # _shed_move). Learnt from (off-policy).
             a, learnable = (TAKE if p.shed else NOOP), True
+            if p.shed:
+                self._last_shed = self._est.step
         elif self.rng.random() < eps:
             explore = p.valid.copy()
             if self.safe_exploration and not p.features[2]:
@@ -797,65 +639,40 @@ class QLearningAgent(Agent):
         return out
 
 
-def write_table(path: str | Path, table: dict[str, Any]) -> Path:
-    """Write ``table`` as JSON atomically: temp file in the same folder, then rename."""
-    path = Path(path)
-    text = json.dumps(table, indent=1, sort_keys=True, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a table is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+class FrozenQLearningAgent(QLearningAgent):
+    """Ablation ``qlearning-frozen``: the pretrained table, greedy, never updated online."""
+
+    name = "qlearning-frozen"
+
+    def __init__(self, pretrained: bool | str | Path = True, **kwargs: Any) -> None:
+        kwargs["learn"] = False
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.name = "qlearning-frozen"
 
 
-def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Read and validate a table file: ``(q, visits, metadata)``; :class:`QTableError`."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise QTableError(f"{path}: cannot read Q-table file ({err.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise QTableError(f"{path}: not a valid Q-table: corrupt or truncated JSON "
-                          f"({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise QTableError(f"{path}: not a valid Q-table: expected a JSON object")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise QTableError(f"{path}: format_version is {version!r}; this version of intune "
-                          f"reads format_version {FORMAT_VERSION}")
-    if data.get("kind") != FILE_KIND:
-        raise QTableError(f"{path}: kind is {data.get('kind')!r}, expected {FILE_KIND!r}")
-    features = [[name, list(values)] for name, values in FEATURES]
-    if data.get("features") != features or data.get("actions") != list(ACTIONS):
-        raise QTableError(f"{path}: the table's features/actions do not match this agent's "
-                          f"(expected features {[f[0] for f in features]} and actions "
-                          f"{list(ACTIONS)}); retrain it")
-    arrays = []
-    for key, dtype in (("q", float), ("visits", np.int64)):
-        try:
-            arr = np.asarray(data.get(key), dtype=dtype)
-        except (TypeError, ValueError):
-            raise QTableError(f"{path}: {key!r} must be a {N_STATES}x{N_ACTIONS} table of "
-                              f"numbers") from None
-        if arr.shape != (N_STATES, N_ACTIONS):
-            raise QTableError(f"{path}: {key!r} has shape {arr.shape}, expected "
-                              f"({N_STATES}, {N_ACTIONS})")
-        if not np.all(np.isfinite(arr)):
-            raise QTableError(f"{path}: {key!r} holds non-finite values")
-        arrays.append(arr)
-    meta = data.get("metadata", {})
-    if not isinstance(meta, dict):
-        raise QTableError(f"{path}: 'metadata' must be an object")
-    meta = {k: v for k, v in meta.items() if k != "hyperparameters"}
-    return arrays[0], arrays[1], meta
+class RuleAgent(QLearningAgent):
+    """Ablation ``qlearning-rule``: the same perception and shield, a fixed rule, no table.
+
+    Rule: ``give`` whenever it is valid (a stage is the bottleneck, a CPU is free and its
+    next worker fits); else ``take`` if some stage has clear slack; else ``noop``. The
+    forced moves (shed memory when critical, the oversubscription plan) are the same as
+    the learning agent's.
+    """
+
+    name = "qlearning-rule"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["learn"] = False
+        kwargs.pop("pretrained", None)
+        super().__init__(pretrained=False, **kwargs)
+        self.name = "qlearning-rule"
+
+    def greedy(self, p: Perception) -> int:
+        """The fixed rule (see the class docstring); the table is not consulted."""
+        if p.valid[GIVE]:
+            return GIVE
+        if p.valid[TAKE] and p.features[2]:
+            return TAKE
+        return NOOP
+

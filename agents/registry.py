@@ -45,6 +45,8 @@ SB3_AGENTS: dict[str, str] = {"ppo": "ppo", "a2c": "a2c", "dqn": "dqn",
 _NATIVE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qlearning": ("agents.qlearning", "QLearningAgent", {}),
     "qlearning-scratch": ("agents.qlearning", "QLearningAgent", {}),
+    "qlearning-frozen": ("agents.qlearning", "FrozenQLearningAgent", {}),
+    "qlearning-rule": ("agents.qlearning", "RuleAgent", {}),
     "autotune": ("agents.autotune", "AutotuneAgent", {}),
     "plumber": ("agents.plumber", "PlumberAgent", {}),
     "static": ("agents.static", "EvenAgent", {}),

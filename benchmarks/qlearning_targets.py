@@ -41,7 +41,8 @@ from scipy.stats import trim_mean
 import intune_env  # noqa: F401  (registers InTune-v0)
 from agents.base import Agent, EpisodeTrace, run_episode
 from agents.qlearning import QLearningAgent
-from simulators import Conditions, ScenarioError, compile_conditions, load_scenario, oracle
+from simulators import Conditions, ScenarioError, load_scenario, oracle
+from simulators.generate import oracle_survives_events
 from simulators.scenario import builtin_scenarios
 
 HERE = Path(__file__).resolve().parent
@@ -193,16 +194,7 @@ def random_pipeline(rng: np.random.Generator, k: int) -> dict[str, Any]:
 
 def unavoidable_oom(scenario: Any) -> bool:
     """Would even the oracle's allocation run out of memory when a later event lands?"""
-    cond = Conditions.initial(scenario)
-    best = oracle(cond).allocation
-    for ev in sorted(scenario.events, key=lambda e: e.at_s):
-        cond = cond.apply(ev)
-        comp = compile_conditions(cond)
-        need = cond.fixed_memory_bytes + sum(comp.worst_memory[i][k] for i, k in enumerate(best))
-        if need > cond.memory_capacity_bytes:
-            return True
-        best = oracle(cond).allocation
-    return False
+    return not oracle_survives_events(scenario)
 
 
 def random_pipelines(count: int, seed: int = 2024) -> None:

@@ -2,7 +2,8 @@
 
     python examples/train_qlearning.py [SCENARIO] [--episodes 5] [--every 50]
 
-SCENARIO is a built-in name (default ``transform-heavy``) or a YAML path.
+SCENARIO is a built-in name (default ``transform-heavy``), a YAML path or a generated
+suite member such as ``suite:test:0017``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 
 import intune_env  # noqa: F401  (registers InTune-v0)
-from agents.base import run_episode
+from agents.base import apply, run_episode
 from agents.qlearning import QLearningAgent
 
 parser = argparse.ArgumentParser(description="Train the tabular Q-learner and watch it.")
@@ -43,7 +44,9 @@ obs, info = env.reset(seed=123)
 agent.reset(obs, info)
 for step in range(600):
     action = agent.act(obs, info)
-    next_obs, reward, terminated, truncated, next_info = env.step(action)
+    # apply(): the agent may return a whole allocation (a time-sliced thread, set through
+    # env.set_allocation) instead of an action
+    next_obs, reward, terminated, truncated, next_info = env.step(apply(env, action))
     agent.observe(obs, action, reward, next_obs, next_info, terminated, truncated)
     obs, info = next_obs, next_info
     if step % args.every == 0 or terminated or truncated:

@@ -259,6 +259,13 @@ def load_scenario(spec: str | Path | dict[str, Any] | Scenario) -> Scenario:
             f"scenario must be a built-in name, a YAML path or a dict, got {type(spec).__name__}"
         )
     text = str(spec)
+    if isinstance(spec, str) and spec.startswith("suite:"):
+        from simulators.generate import suite_scenario  # lazy: generated suite members
+
+        try:
+            return scenario_from_dict(suite_scenario(spec), source=spec)
+        except ValueError as err:
+            raise ScenarioError(str(err)) from None
     if isinstance(spec, str) and spec in builtin_scenarios():
         path = builtin_path(spec)
     else:

@@ -1,0 +1,286 @@
+"""The Q-learner's estimator: what the agent measures about a pipeline while it runs.
+
+Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
+
+- per-stage capacity: ``processed / busy seconds`` is the rate of one CPU of the stage
+  (``stage_busy_s = utilisation * cpus * dt``), divided by the time-slice share when the
+  machine is oversubscribed and smoothed by an exponential moving average (``rate_ema``);
+  capacity with ``k`` CPUs is estimated as ``rate * k``. Scaling down is conservative for
+  concave stages (contention, bandwidth caps), so slack is never over-estimated;
+- time-slicing: ``total`` workers on ``cpus`` CPUs each get a share
+  ``(cpus / total) / (1 + overhead * (total / cpus - 1))`` of a CPU. ``overhead`` (context
+  switches) is fitted by least squares after the machine is resized, from each stage's
+  per-CPU rate measured after the resize divided by its rate just before (same CPUs for
+  the stage, so only the share differs);
+- memory: ``static = memory_bytes - sum(buffer_levels * element_bytes)`` is the memory of
+  workers, fixed state and everything outside the pipeline; it changes only when CPUs
+  change (or an event happens), so after a one-CPU move on stage ``i`` the change of
+  ``static`` is that stage's per-worker memory, and the change of its buffer capacity its
+  per-CPU prefetch. The worst case of an allocation (every buffer full) is then
+  ``static + sum(buffer_capacity * element_bytes)``, predicted exactly;
+- saturation (a bandwidth cap): a least-squares fit of measured capacity against CPUs
+  over recent samples; if the slope stays under a quarter of the per-CPU rate (judged
+  only with enough statistical power, confirmed twice so a rate drift is not taken for
+  it), the stage is marked saturated, its plateau counts as spare CPUs, and the mark is
+  moved down while releasing CPUs does not lower the capacity.
+
+
+Read next: :mod:`agents.qlearning` (state abstraction, Q-learning, shield) and
+:mod:`agents.qlearning_table` (the table file).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class Estimator:
+    """Online per-stage estimates of capacity, per-worker memory and saturation."""
+
+    def __init__(self, rate_ema: float) -> None:
+        self.beta = rate_ema
+        self.n = 0
+
+    #: Samples (over at least two CPU counts) before judging whether added CPUs help.
+    MIN_SAMPLES = 6
+    #: Steps after which a CPU count's capacity samples are forgotten (conditions drift).
+    MEMORY_STEPS = 25
+    #: Steps after which a saturation mark is dropped and the stage probed again.
+    SATURATION_STEPS = 300
+
+    def start(self, info: dict[str, Any]) -> None:
+        n = len(info["allocation"])
+        self.n = n
+        self.rate = [math.nan] * n  # samples/s per dedicated CPU (smoothed)
+        self.noise_var = [0.05**2] * n  # relative variance of one measurement (smoothed)
+        # per stage: recent (step, CPUs, measured capacity) samples
+        self.history: list[list[tuple[int, int, float]]] = [[] for _ in range(n)]
+        self.step = 0
+        self.worker_bytes: list[float | None] = [None] * n
+        self.buffer_per_cpu: list[float | None] = [None] * n  # samples per CPU
+        self.saturated_at = [0] * n  # 0: not saturated; k: adding beyond k does not help
+        self.plateau = [0.0] * n  # capacity of a saturated stage
+        self.saturated_age = [0] * n
+        self.pending = [False] * n  # a CPU was added: judge it once enough samples exist
+        self.suspect = [0] * n  # step of a judgement that found no gain (0: none)
+        self.plateau_n = [1] * n  # samples the plateau was measured with
+        # the lower end of the plateau was found (a release below the mark lost capacity):
+        # the mark is then a floor, not a spare CPU
+        self.floor_found = [False] * n
+        self.prev_alloc: list[int] | None = None
+        self.prev_static: float | None = None
+        self.prev_bufcap: list[int] | None = None
+        self.prev_cpus: int | None = None
+        # time-slicing overhead, fitted after a resize (None: never measured)
+        self.overhead: float | None = None
+        self._slice_sxx = self._slice_sxy = 0.0
+        self._slice_ref: list[float] = []  # per-CPU rates just before the resize
+        self._slice_alloc: list[int] = []  # the allocation they were measured with
+        self._slice_step = -self.MEMORY_STEPS
+
+    def share(self, alloc: Sequence[int], cpus_total: int) -> float:
+        """Estimated fraction of a dedicated CPU's rate each worker of ``alloc`` gets."""
+        return time_share(alloc, cpus_total, self.overhead or 0.0)
+
+    def _fit_overhead(self, alloc: list[int], cpus_total: int, busy: Sequence[float],
+                      processed: Sequence[float]) -> None:
+        """Fit the time-slicing overhead from the per-CPU rates measured across a resize.
+
+        A worker's measured rate divided by its stage's rate just before the resize (same
+        CPUs for the stage, so contention is unchanged) is the share ``s`` it now gets.
+        The model ``s = (cpus / total) / (1 + overhead * x)`` with ``x = total / cpus - 1``
+        gives ``y = (cpus / total) / s - 1 = overhead * x``, fitted by least squares over
+        every such sample of the ``MEMORY_STEPS`` steps after the resize (small ``x``,
+        which says little, weighs little).
+        """
+        total = sum(alloc)
+        if total <= cpus_total or self.step - self._slice_step > self.MEMORY_STEPS:
+            return
+        x = total / cpus_total - 1
+        for i in range(self.n):
+            ref = self._slice_ref[i]
+            if (alloc[i] != self._slice_alloc[i] or not math.isfinite(ref) or ref <= 0
+                    or busy[i] <= 0 or processed[i] <= 0):
+                continue
+            s = processed[i] / busy[i] / ref
+            self._slice_sxx += x * x
+            self._slice_sxy += x * (cpus_total / total / s - 1)
+        if self._slice_sxx > 0:
+            self.overhead = max(0.0, self._slice_sxy / self._slice_sxx)
+
+    def update(self, info: dict[str, Any]) -> None:
+        """Fold one step's measurements into the estimates."""
+        if self.n != len(info["allocation"]):
+            self.start(info)
+        alloc = [int(k) for k in info["allocation"]]
+        busy = info["stage_busy_s"]
+        processed = info["stage_processed"]
+        cpus_total = int(info["cpus_total"])
+        resized = self.prev_cpus is not None and cpus_total != self.prev_cpus
+        prev = self.prev_alloc
+        self.step += 1
+        # The allocation itself crossed into time-slicing (the agent oversubscribed on
+        # purpose): as after a resize, the rates just before are the reference.
+        crossed = (not resized and prev is not None
+                   and sum(alloc) > cpus_total >= sum(prev))
+        if (resized or crossed) and prev is not None:
+            # dedicated-CPU rates before the resize: the reference for the share after it
+            self._slice_ref, self._slice_alloc = list(self.rate), list(prev)
+            self._slice_step, self._slice_sxx, self._slice_sxy = self.step, 0.0, 0.0
+        self._fit_overhead(alloc, cpus_total, busy, processed)
+        share = self.share(alloc, cpus_total)
+        for i in range(self.n):
+            if resized:
+                self.history[i] = []
+            elif prev is not None and alloc[i] != prev[i]:
+                self.pending[i] = alloc[i] > prev[i]
+            if busy[i] > 0 and processed[i] > 0:
+                r = processed[i] / busy[i] / share  # per dedicated CPU
+                if math.isnan(self.rate[i]) or resized:
+                    self.rate[i] = r  # time-slicing changed: old rates are stale
+                else:
+                    rel = (r - self.rate[i]) / self.rate[i]
+                    self.noise_var[i] += 0.1 * (rel * rel - self.noise_var[i])
+                    self.rate[i] += self.beta * (r - self.rate[i])
+                self.history[i].append((self.step, alloc[i], r * alloc[i]))
+        elem = info["element_bytes"]
+        static = float(info["memory_bytes"]) - sum(
+            b * e for b, e in zip(info["buffer_levels"], elem, strict=True))
+        bufcap = [int(c) for c in info["buffer_capacities"]]
+        if prev is not None and self.prev_static is not None and not resized:
+            moved = [i for i in range(self.n) if alloc[i] != prev[i]]
+            if len(moved) == 1:
+                i = moved[0]
+                delta = alloc[i] - prev[i]
+                w = (static - self.prev_static) / delta
+                # A simultaneous memory event would corrupt the difference: keep only
+                # plausible values (non-negative, within the rigorous bound).
+                if 0 <= w <= max(self.prev_static, static) / max(1, min(alloc[i], prev[i])):
+                    self.worker_bytes[i] = w
+                assert self.prev_bufcap is not None
+                db = (bufcap[i] - self.prev_bufcap[i]) / delta
+                if db >= 0:
+                    self.buffer_per_cpu[i] = db
+        for i in range(self.n):
+            self._check_saturation(i, alloc[i])
+            self._extend_plateau(i, alloc[i])
+            if self.saturated_at[i]:
+                self.saturated_age[i] += 1
+                # Conditions change (events): forget after a while and re-probe.
+                if self.saturated_age[i] > self.SATURATION_STEPS or resized:
+                    self.saturated_at[i] = 0
+        self.prev_alloc = alloc
+        self.prev_static = static
+        self.prev_bufcap = bufcap
+        self.prev_cpus = cpus_total
+        self.static = static
+        self.bufcap = bufcap
+
+    def _check_saturation(self, i: int, k: int) -> None:
+        """After an added CPU: does capacity still grow with CPUs?
+
+        Fits capacity against CPUs over the recent samples (least squares). Saturated (a
+        bandwidth cap) if the slope is under a quarter of the stage's per-CPU rate.
+        Judged only when the per-CPU rate stands 4 standard errors of the slope above
+        zero, so noise and contention do not trigger it, and only on the second such
+        finding in a row (the first may be a rate drift that happened among the
+        samples; they are then dropped). The saturation point is where the per-CPU
+        rate at the fewest CPUs measured would reach today's capacity.
+        """
+        hist = self.history[i]
+        while hist and self.step - hist[0][0] > self.MEMORY_STEPS:
+            hist.pop(0)
+        if not self.pending[i] or len(hist) < self.MIN_SAMPLES:
+            return
+        ks = np.array([h[1] for h in hist], dtype=float)
+        caps = np.array([h[2] for h in hist])
+        sxx = float(np.sum((ks - ks.mean()) ** 2))
+        if sxx <= 0:
+            return
+        slope = float(np.sum((ks - ks.mean()) * (caps - caps.mean()))) / sxx
+        resid = caps - caps.mean() - slope * (ks - ks.mean())
+        se = math.sqrt(float(np.sum(resid**2)) / (len(hist) - 2) / sxx)
+        k0 = int(ks.min())
+        per_cpu = float(caps[ks == k0].mean()) / k0
+        if per_cpu <= 4 * se:
+            return  # not enough evidence yet; keep collecting
+        self.pending[i] = False
+        # Not saturated if a CPU's gain is large, or significantly above zero (strong
+        # contention: small but real gains, which a bandwidth cap never shows).
+        if slope >= 0.25 * per_cpu or slope - 2 * se > 0:
+            self.suspect[i] = 0
+            return
+        if not self.suspect[i] or self.step - self.suspect[i] > self.MEMORY_STEPS:
+            self.suspect[i] = self.step
+            self.history[i] = [h for h in hist if h[1] == k]
+            return
+        plateau = float(caps[ks == ks.max()].mean())
+        self.saturated_at[i] = max(k0, min(k, math.ceil(plateau / per_cpu)))
+        self.plateau[i] = plateau
+        self.plateau_n[i] = int(np.sum(ks == ks.max()))
+        self.floor_found[i] = False
+        self.saturated_age[i] = 0
+        self.suspect[i] = 0
+
+    def _extend_plateau(self, i: int, k: int) -> None:
+        """A saturated stage released below its mark: is it still on the plateau?
+
+        The mark moves down to ``k`` while the mean capacity measured there is not
+        significantly below the plateau (two standard errors of the difference of the
+        two means, from the measured noise), so useless CPUs are released one by one.
+        When it is, the evidence contradicts the plateau reaching ``k``: the mark goes
+        back to ``k + 1`` at once and becomes a floor (no more releases below it), so
+        the agent does not oscillate one CPU below a cap.
+        """
+        sat = self.saturated_at[i]
+        if not sat or k >= sat:
+            return
+        samples = [h[2] for h in self.history[i] if h[1] == k]
+        if len(samples) < 4:
+            return
+        mean = float(np.mean(samples))
+        se = math.sqrt(self.noise_var[i] * (1 / len(samples) + 1 / self.plateau_n[i]))
+        if mean >= self.plateau[i] * (1 - 2 * se):
+            self.saturated_at[i] = k
+        else:
+            self.saturated_at[i] = k + 1  # the plateau starts above k
+            self.floor_found[i] = True
+
+    def capacity(self, i: int, k: int, now: int | None = None) -> float:
+        """Estimated samples/s of stage ``i`` with ``k`` dedicated CPUs (holding ``now``).
+
+        Linear in ``k`` from the measured per-CPU rate, except that a saturated stage
+        keeps its capacity down to its saturation point.
+        """
+        r = self.rate[i]
+        if math.isnan(r):
+            return math.inf
+        sat = self.saturated_at[i]
+        if now is not None and sat and k >= sat and now >= sat:
+            return r * now  # flat beyond the saturation point
+        return r * k
+
+    def throughput(self, alloc: Sequence[int], cpus_total: int, gpu_rate: float,
+                   now: Sequence[int]) -> float:
+        """Estimated steady throughput of ``alloc`` (rates measured holding ``now``)."""
+        share = self.share(alloc, cpus_total)
+        slowest = min(self.capacity(i, k, now[i]) for i, k in enumerate(alloc)) * share
+        return min(1.0, slowest / gpu_rate) if math.isfinite(slowest) else 0.0
+
+
+def time_share(alloc: Sequence[int], cpus_total: int, overhead: float = 0.0) -> float:
+    """Fraction of a CPU's rate each worker keeps when ``sum(alloc)`` workers share the machine.
+
+    Time-slicing gives each worker ``cpus_total / total`` of a CPU, of which context
+    switches cost a further ``overhead`` per 100% of oversubscription.
+    """
+    total = sum(alloc)
+    if total <= cpus_total:
+        return 1.0
+    return cpus_total / total / (1.0 + overhead * (total / cpus_total - 1.0))
+
+
