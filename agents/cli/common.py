@@ -20,7 +20,7 @@ from agents import registry
 from agents.plugins import PluginError
 from intune_env.cli import fail, warn
 from simulators import Scenario, ScenarioError, load_scenario
-from simulators.fileio import InputFileError, echo
+from simulators.fileio import ECHO_CHARS, InputFileError, echo
 
 __all__ = ["USER_ERRORS", "fail", "warn"]
 
@@ -35,6 +35,12 @@ TRUST_MODEL_HELP = ("also load model files that need unpickling (legacy .pkl sta
 
 _PLUGIN_HINT = ("; load the module that registers it with `intune --plugin FILE.py` "
                 "or an `intune.plugins` entry point")
+
+
+def show_path(path: str | Path) -> str:
+    """A path safe to print, capped at its tail (the file name is what tells)."""
+    text = echo(str(path), limit=1 << 30)  # escape control characters only
+    return text if len(text) <= ECHO_CHARS else "..." + text[-(ECHO_CHARS - 3):]
 
 
 def trust_model_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,14 +127,14 @@ def check_model(agent_name: str, model_path: Path | None) -> None:
         fail(f"--model: agent {agent_name!r} does not learn and loads no model; agents "
              f"with a model: {', '.join(registry.TRAINABLE)}")
     if not model_path.exists():
-        fail(f"--model {echo(str(model_path))}: no such file")
+        fail(f"--model {show_path(model_path)}: no such file")
     if model_path.is_dir():
-        fail(f"--model {echo(str(model_path))}: is a folder; expected a model file")
+        fail(f"--model {show_path(model_path)}: is a folder; expected a model file")
 
 
 def writable_dir(path: Path, what: str = "--out") -> Path:
     """Create ``path`` if needed and check a file can be written in it, else one line."""
-    shown = echo(str(path))
+    shown = show_path(path)
     if path.exists() and not path.is_dir():
         fail(f"{what} {shown}: is a file; expected a folder")
     try:
@@ -144,6 +150,6 @@ def writable_dir(path: Path, what: str = "--out") -> Path:
 def writable_file(path: Path, what: str) -> Path:
     """Refuse an output file path that is a folder or whose folder cannot be written."""
     if path.is_dir():
-        fail(f"{what} {echo(str(path))}: is a folder; expected a file path")
+        fail(f"{what} {show_path(path)}: is a folder; expected a file path")
     writable_dir(path.parent, what)
     return path

@@ -13,6 +13,7 @@ from agents.cli.common import (
     at_least,
     fail,
     finite_positive,
+    show_path,
     trust_kwargs,
     trust_model_option,
     warn_late_events,
@@ -20,7 +21,7 @@ from agents.cli.common import (
 )
 from agents.compare import DEFAULT_AGENTS, CompareError, run_compare
 from simulators import ScenarioError, load_scenario
-from simulators.fileio import InputFileError, echo
+from simulators.fileio import InputFileError
 
 
 def _warn_late(scenarios: str, duration_s: float) -> None:
@@ -71,9 +72,9 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
     at_least(sb3_steps, 1, "--sb3-steps")
     finite_positive(duration_s, "--duration-s")
     if hyperparams is not None and not hyperparams.is_file():
-        fail(f"--hyperparams {echo(str(hyperparams))}: no such file")
+        fail(f"--hyperparams {show_path(hyperparams)}: no such file")
     if models_dir is not None and models_dir.exists() and not models_dir.is_dir():
-        fail(f"--models {echo(str(models_dir))}: is a file; expected a folder")
+        fail(f"--models {show_path(models_dir)}: is a file; expected a folder")
     if address is not None and executor != "ray":
         fail("--address only makes sense with --executor ray")
     writable_dir(out_dir)

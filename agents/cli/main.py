@@ -15,14 +15,13 @@ import click
 
 from agents import __version__
 from agents.cli.agents_cmd import agents_cmd
-from agents.cli.common import USER_ERRORS, fail, scenario_error_line
+from agents.cli.common import USER_ERRORS, fail, scenario_error_line, show_path
 from agents.cli.compare_cmd import compare
 from agents.cli.run import run_cmd
 from agents.cli.scenarios import scenarios
 from agents.cli.train_eval import eval_cmd, train
 from agents.plugins import PluginError, load_entry_point_plugins, load_plugins
 from intune_env.live.cli import calibrate, live_sweep
-from simulators.fileio import echo
 
 
 def os_error_line(err: OSError) -> str:
@@ -30,7 +29,7 @@ def os_error_line(err: OSError) -> str:
     what = err.strerror or type(err).__name__
     if err.errno == errno.ENOSPC:
         what += " (the disk is full)"
-    return f"{echo(str(err.filename))}: {what}" if err.filename else what
+    return f"{show_path(err.filename)}: {what}" if err.filename else what
 
 
 class BoundaryGroup(click.Group):
