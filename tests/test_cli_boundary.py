@@ -140,3 +140,29 @@ def test_disk_really_full(tmp_path: Path) -> None:
         assert not [p for p in mnt.rglob("*.tmp")]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "--every", "abc"], "'abc' is not a valid integer"),
+    (["nosuchcommand"], "No such command"),
+    (["train"], "Missing option '--agent'"),
+    (["compare", "--executor", "slurm", "--out", "x"], "--executor"),
+])
+def test_usage_errors_are_one_line(args: list[str], fragment: str) -> None:
+    one_line(invoke(*args), fragment, "--help")
+
+
+def test_scenarios_generate_writes_valid_files(tmp_path: Path) -> None:
+    pytest.importorskip("simulators.generate", reason="scenario generator not merged yet")
+    out = tmp_path / "gen"
+    res = invoke("scenarios", "generate", "--count", "3", "--seed", "7", "--out", str(out))
+    assert res.exit_code == 0, (res.output, res.exception)
+    files = sorted(out.glob("*.yaml"))
+    assert len(files) == 3 and "wrote 3 scenarios" in res.output
+    for f in files:
+        assert invoke("scenarios", "show", str(f)).exit_code == 0
+    again = tmp_path / "again"
+    assert invoke("scenarios", "generate", "--count", "3", "--seed", "7", "--out",
+                  str(again)).exit_code == 0
+    assert [f.read_bytes() for f in files] == [f.read_bytes()
+                                               for f in sorted(again.glob("*.yaml"))]

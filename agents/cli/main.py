@@ -35,6 +35,27 @@ def os_error_line(err: OSError) -> str:
 class BoundaryGroup(click.Group):
     """A group whose subcommands fail with one line instead of a traceback."""
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's entry, with usage errors as one line (click prints a usage block)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # bare `intune`: the help text
+            err.show()
+            sys.exit(err.exit_code)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx is not None else "intune"
+            fail(f"{err.format_message()} (`{where} --help` lists the options)")
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.Abort:  # Ctrl-C or end of input outside a command
+            click.echo("intune: interrupted", err=True)
+            sys.exit(130)
+        # --help and --version end with their exit code; commands return None.
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
