@@ -17,6 +17,8 @@ from simulators.fileio import echo
 
 #: Longest error line printed (user input inside it is capped far lower by ``echo``).
 MAX_LINE_CHARS = 1000
+#: Most lines of one error (several validation errors are listed one per line).
+MAX_LINES = 8
 
 
 def one_line(message: object) -> str:
@@ -24,9 +26,24 @@ def one_line(message: object) -> str:
     return echo(" ".join(str(message).split()), limit=MAX_LINE_CHARS)
 
 
+def error_lines(message: object) -> list[str]:
+    """``message`` as at most :data:`MAX_LINES` safe lines, blank lines dropped."""
+    lines = [one_line(ln) for ln in str(message).splitlines() if ln.strip()] or ["(no message)"]
+    if len(lines) > MAX_LINES:
+        lines = [*lines[: MAX_LINES - 1], f"(+{len(lines) - MAX_LINES + 1} more lines)"]
+    return lines
+
+
 def fail(message: object) -> NoReturn:
-    """Print ``intune: error: MESSAGE`` (one line) on stderr and exit 2 (a user's fault)."""
-    click.echo(f"intune: error: {one_line(message)}", err=True)
+    """Print ``intune: error: MESSAGE`` on stderr and exit 2 (a user's fault).
+
+    One line, unless the message itself lists several faults one per line (a scenario
+    with several validation errors): those follow, indented, after the first.
+    """
+    first, *rest = error_lines(message)
+    click.echo(f"intune: error: {first}", err=True)
+    for line in rest:
+        click.echo(f"  {line}", err=True)
     sys.exit(2)
 
 

@@ -166,3 +166,13 @@ def test_scenarios_generate_writes_valid_files(tmp_path: Path) -> None:
                   str(again)).exit_code == 0
     assert [f.read_bytes() for f in files] == [f.read_bytes()
                                                for f in sorted(again.glob("*.yaml"))]
+
+
+def test_error_lines_are_safe_and_bounded() -> None:
+    from intune_env.cli import MAX_LINES, error_lines
+
+    assert error_lines("a\n\n  b   c\n") == ["a", "b c"]
+    assert error_lines("\x1b[31mred\x1b[0m") == ["\\x1b[31mred\\x1b[0m"]  # no escapes reach a tty
+    many = error_lines("\n".join(f"fault {i}" for i in range(20)))
+    assert len(many) == MAX_LINES and many[-1] == "(+13 more lines)"
+    assert len(error_lines("x" * 10**6)[0]) < 1100
