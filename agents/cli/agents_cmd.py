@@ -25,7 +25,8 @@ def _fallback_description(name: str) -> str:
             return _first_line(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError) as err:
             return f"(not available: {err})"
-    return _first_line(getattr(registry, "_EXTRA", {}).get(name))
+    factory = getattr(registry, "_EXTRA", {}).get(name)
+    return _first_line(factory) or f"registered by {getattr(factory, '__module__', '?')}"
 
 
 def agent_descriptions() -> dict[str, str]:
@@ -42,4 +43,4 @@ def agents_cmd() -> None:
     items = agent_descriptions()
     width = max(map(len, items), default=0) + 2
     for name, line in items.items():
-        click.echo(f"{name:<{width}}{line}".rstrip())
+        click.echo(f"{name:<{width}}{line or '(no description)'}")
