@@ -83,3 +83,23 @@ def test_import_contract_holds() -> None:
     proc = subprocess.run([found], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "2 kept, 0 broken" in proc.stdout
+
+
+def test_trust_model_without_a_model_is_a_warning() -> None:
+    res = CliRunner().invoke(main, ["run", "--agent", "even", "--trust-model", "--duration-s",
+                                    "4", "--every", "10"])
+    assert res.exit_code == 0, res.output
+    assert "intune: warning: --trust-model has no effect without --model" in res.stderr
+
+
+def test_late_events_warn_once_per_scenario(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["compare", "--scenarios", "machine-resize,dlrm-criteo",
+                                    "--agents", "even", "--seeds", "1", "--duration-s", "20",
+                                    "--jobs", "1", "--out", str(tmp_path), "--no-progress",
+                                    "--no-plots"])
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("intune: warning:")]
+    assert len(warnings) == 1 and "machine-resize" in warnings[0] and "600 s" in warnings[0]
+    res = CliRunner().invoke(main, ["eval", "--agent", "even", "--scenario", "machine-resize",
+                                    "--episodes", "1", "--duration-s", "1200"])
+    assert res.exit_code == 0 and "warning" not in res.stderr  # the event happens

@@ -48,13 +48,18 @@ def trust_model_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--trust-model", is_flag=True, help=TRUST_MODEL_HELP)(f)
 
 
-def trust_kwargs(trust_model: bool, target: Callable[..., Any]) -> dict[str, Any]:
+def trust_kwargs(trust_model: bool, target: Callable[..., Any],
+                 model_path: Path | bool | None = True) -> dict[str, Any]:
     """``{"trust_model": True}`` when the flag is set, else nothing (the safe default).
 
     Passing the keyword only when asked keeps the default call unchanged; a callee that
     does not know the keyword cannot honour the flag, which must not pass silently.
+    ``model_path=None`` (no model to load): the flag has no effect, said in a warning.
     """
     if not trust_model:
+        return {}
+    if model_path is None:
+        warn("--trust-model has no effect without --model")
         return {}
     params = inspect.signature(target).parameters
     if "trust_model" not in params and not any(

@@ -20,15 +20,14 @@ from agents.cli.common import (
     writable_dir,
 )
 from agents.compare import DEFAULT_AGENTS, CompareError, run_compare
-from simulators import ScenarioError, load_scenario
+from simulators import ScenarioError, builtin_scenarios, load_scenario
 from simulators.fileio import InputFileError
 
 
 def _warn_late(scenarios: str, duration_s: float) -> None:
     """Warn about events after the episode's end; run_compare reports unloadable names."""
-    if scenarios.strip() == "all":
-        return
-    for spec in filter(None, (s.strip() for s in scenarios.split(","))):
+    specs = [s.strip() for s in scenarios.split(",")]
+    for spec in filter(None, builtin_scenarios() if specs == ["all"] else specs):
         with contextlib.suppress(ScenarioError, InputFileError):  # run_compare refuses it
             warn_late_events(load_scenario(spec), duration_s)
 

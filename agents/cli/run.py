@@ -52,7 +52,7 @@ def run_cmd(scenario: str, agent_name: str, model_path: Path | None, trust_model
     steps = max(1, round(duration_s / env.unwrapped.sim.dt))
     try:
         agent = registry.make_agent(agent_name, env, seed=seed, model_path=model_path,
-                                    **trust_kwargs(trust_model, registry.make_agent))
+                                    **trust_kwargs(trust_model, registry.make_agent, model_path))
     except (KeyError, ValueError, NotImplementedError) as err:
         fail(f"{agent_name}: {err.args[0] if err.args else err}")
     obs, info = env.reset(seed=seed)

@@ -139,7 +139,7 @@ def eval_cmd(agent_name: str, model_path: Path | None, trust_model: bool, scenar
         fail(f"agent {agent_name!r} needs --model PATH (a .zip from `intune train`)")
     sc = load_scenario_or_fail(scenario)
     warn_late_events(sc, duration_s)
-    trust = trust_kwargs(trust_model, RunSpec)
+    trust = trust_kwargs(trust_model, RunSpec, model_path)
     rows = []
     for k in range(episodes):
         spec = RunSpec(sc.name, sc.to_dict(), agent_name, seed + k, duration_s,
