@@ -103,3 +103,11 @@ def test_late_events_warn_once_per_scenario(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["eval", "--agent", "even", "--scenario", "machine-resize",
                                     "--episodes", "1", "--duration-s", "1200"])
     assert res.exit_code == 0 and "warning" not in res.stderr  # the event happens
+
+
+def test_the_command_starts_without_heavy_imports() -> None:
+    heavy = ("torch", "matplotlib", "stable_baselines3", "pyarrow", "ray")
+    code = f"import sys, agents.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout.strip() == "[]"
