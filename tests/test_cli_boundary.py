@@ -176,3 +176,16 @@ def test_error_lines_are_safe_and_bounded() -> None:
     many = error_lines("\n".join(f"fault {i}" for i in range(20)))
     assert len(many) == MAX_LINES and many[-1] == "(+13 more lines)"
     assert len(error_lines("x" * 10**6)[0]) < 1100
+
+
+def test_reader_leaving_the_pipe_is_a_quiet_exit() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "run", "--agent", "even",
+                             "--duration-s", "2000", "--every", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert err == "", err

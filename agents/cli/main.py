@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import click
+from click.utils import PacifyFlushWrapper
 
 from agents import __version__
 from agents.cli.agents_cmd import agents_cmd
@@ -61,6 +62,9 @@ class BoundaryGroup(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as err:
             fail(scenario_error_line(err))
+        except BrokenPipeError:  # the reader left (`intune run | head`): stop quietly
+            sys.stdout = PacifyFlushWrapper(sys.stdout)
+            sys.exit(1)
         except OSError as err:
             fail(os_error_line(err))
         except KeyboardInterrupt:
