@@ -7,12 +7,13 @@ escapes a command (a bad file, a full disk, a name too long for the file system)
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import sys
 from typing import Any
 
 import click
-from click.utils import PacifyFlushWrapper
 
 from agents import __version__
 from agents.cli.agents_cmd import agents_cmd
@@ -63,7 +64,9 @@ class BoundaryGroup(click.Group):
         except USER_ERRORS as err:
             fail(scenario_error_line(err))
         except BrokenPipeError:  # the reader left (`intune run | head`): stop quietly
-            sys.stdout = PacifyFlushWrapper(sys.stdout)
+            # Python's documented recipe: later flushes of stdout go to /dev/null.
+            with contextlib.suppress(OSError, ValueError):  # stdout may have no descriptor
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         except OSError as err:
             fail(os_error_line(err))
