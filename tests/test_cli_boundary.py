@@ -31,7 +31,7 @@ def one_line(res: Result, *fragments: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e300"])  # 1e300: no end
 def test_duration_must_be_finite_and_positive(value: str, tmp_path: Path) -> None:
     one_line(invoke("eval", "--agent", "even", "--duration-s", value), "--duration-s")
     one_line(invoke("run", "--agent", "even", "--duration-s", value), "--duration-s")
@@ -147,6 +147,9 @@ def test_disk_really_full(tmp_path: Path) -> None:
     (["nosuchcommand"], "No such command"),
     (["train"], "Missing option '--agent'"),
     (["compare", "--executor", "slurm", "--out", "x"], "--executor"),
+    (["run", "--seed", "-1"], "--seed"),
+    (["eval", "--agent", "even", "--seed", str(2**64)], "--seed"),
+    (["train", "--agent", "qlearning-scratch", "--seed", "-3", "--out", "x"], "--seed"),
 ])
 def test_usage_errors_are_one_line(args: list[str], fragment: str) -> None:
     one_line(invoke(*args), fragment, "--help")

@@ -69,10 +69,17 @@ def trust_kwargs(trust_model: bool, target: Callable[..., Any],
     return {"trust_model": True}
 
 
-def finite_positive(value: float, flag: str) -> float:
-    """``value`` if it is a finite number > 0 (``inf``, ``nan`` and ``0`` are refused)."""
-    if not (math.isfinite(value) and value > 0):
-        fail(f"{flag} must be a finite number > 0, got {value}")
+#: Seeds are what numpy and Gymnasium accept: integers in [0, 2**63).
+SEED = click.IntRange(0, 2**63 - 1)
+#: Longest simulated episode (11.6 days; 500,000 steps at the default 2 s interval):
+#: ``--duration-s 1e300`` would otherwise run for ever.
+MAX_DURATION_S = 1e6
+
+
+def finite_positive(value: float, flag: str, high: float = MAX_DURATION_S) -> float:
+    """``value`` if it is a finite number in (0, ``high``] (``inf``, ``nan``, ``0`` refused)."""
+    if not (math.isfinite(value) and 0 < value <= high):
+        fail(f"{flag} must be a finite number > 0 and at most {high:,g}, got {value}")
     return value
 
 

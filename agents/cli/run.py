@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from agents.cli.common import (
+    SEED,
     at_least,
     check_agent,
     check_model,
@@ -28,7 +29,7 @@ from agents.cli.common import (
               help="trained model of a learning agent (.zip for SB3, .json table for "
                    "qlearning); needed by the SB3 agents")
 @trust_model_option
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--duration-s", default=1200.0, show_default=True, type=float,
               help="simulated seconds")
 @click.option("--every", default=100, show_default=True, type=int,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from agents.cli.common import fail, load_scenario_or_fail, writable_dir
+from agents.cli.common import SEED, fail, load_scenario_or_fail, writable_dir
 from simulators import builtin_scenarios, load_scenario
 from simulators.scenario import GIB
 
@@ -59,7 +59,7 @@ def scenarios_show(scenario: str) -> None:
 
 @scenarios.command("generate")
 @click.option("--count", type=int, required=True, help="how many scenarios")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="generator seed (same seed, same files)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="folder for the YAML files")
@@ -67,8 +67,6 @@ def scenarios_generate(count: int, seed: int, out_dir: Path) -> None:
     """Write COUNT random, valid DLRM pipeline scenarios as YAML files under OUT."""
     if not 1 <= count <= 100_000:
         fail(f"--count must be between 1 and 100000, got {count}")
-    if seed < 0:
-        fail(f"--seed must be >= 0, got {seed}")
     writable_dir(out_dir)
     try:
         from simulators.generate import write_scenarios

@@ -10,6 +10,7 @@ import click
 
 from agents import registry
 from agents.cli.common import (
+    SEED,
     USER_ERRORS,
     at_least,
     check_agent,
@@ -36,7 +37,7 @@ QLEARNING_DEFAULT_STEPS = 30_000
 @click.option("--steps", type=int, default=None,
               help="environment steps (default: n_timesteps of the SB3 YAML; "
                    f"{QLEARNING_DEFAULT_STEPS:,} for qlearning)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="folder for the trained model")
 @click.option("--tensorboard", is_flag=True, help="SB3: write TensorBoard logs to OUT/tb")
@@ -122,7 +123,7 @@ def _train_qlearning(agent_name: str, sc: Any, steps: int, seed: int, model_file
 @click.option("--scenario", default="dlrm-criteo", show_default=True,
               help="built-in name or YAML file")
 @click.option("--episodes", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="seed of the first episode (then seed+1, ...)")
 @click.option("--duration-s", type=float, default=1200.0, show_default=True,
               help="simulated seconds per episode")
