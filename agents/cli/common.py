@@ -22,8 +22,6 @@ from intune_env.cli import fail, warn
 from simulators import Scenario, ScenarioError, load_scenario
 from simulators.fileio import ECHO_CHARS, InputFileError, echo
 
-__all__ = ["USER_ERRORS", "fail", "warn"]
-
 #: Exceptions that are a user's fault wherever they surface: one line, exit 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ScenarioError, InputFileError, PluginError, registry.UnknownAgentError,
