@@ -100,6 +100,8 @@ def test_late_events_warn_once_per_scenario(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("intune: warning:")]
     assert len(warnings) == 1 and "machine-resize" in warnings[0] and "600 s" in warnings[0]
+    last = res.stdout.strip().splitlines()[-1]
+    assert f"wrote runs.csv, summary.md, summary.json in {tmp_path}" in last  # no plots asked
     res = CliRunner().invoke(main, ["eval", "--agent", "even", "--scenario", "machine-resize",
                                     "--episodes", "1", "--duration-s", "1200"])
     assert res.exit_code == 0 and "warning" not in res.stderr  # the event happens

@@ -87,8 +87,11 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
                           **trust_kwargs(trust_model, run_compare))
     except (*USER_ERRORS, CompareError, ValueError) as err:
         fail(str(err))
+    # The last line names every output, so a reader knows where to look.
+    outputs = [n for n in ("runs.csv", "summary.md", "summary.json", "plots/")
+               if (res.out / n.rstrip("/")).exists()]
     click.echo(f"{len(res.ran)} runs done, {len(res.skipped)} reused, {len(res.failed)} failed; "
-               f"wrote {res.out / 'runs.csv'}, {res.out / 'summary.md'}")
+               f"wrote {', '.join(outputs)} in {res.out}")
     if res.failed:
         for key, err in res.failed.items():
             click.echo(f"intune: run {key} failed: {err}", err=True)
