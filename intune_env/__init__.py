@@ -14,8 +14,9 @@ fresh process (``AsyncVectorEnv``, ``SubprocVecEnv``).
 from gymnasium.envs.registration import register, registry
 
 from intune_env.intune import InTuneEnv
+from simulators import __version__
 
-__all__ = ["InTuneEnv"]
+__all__ = ["InTuneEnv", "__version__"]
 
 #: Steps of an episode: 1200 simulated seconds at the default 2 s control interval.
 MAX_EPISODE_STEPS = 600

@@ -3,6 +3,13 @@
 Nothing here depends on Gymnasium; ``intune_env`` wraps it.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the installed distribution's version; agents and intune_env re-export it
+    __version__ = version("intune")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 from simulators.conditions import Compiled, Conditions, compile_conditions
 from simulators.oracle import OracleResult, oracle, oversubscription_share, static_throughput
 from simulators.pipeline import (
@@ -47,6 +54,7 @@ __all__ = [
     "StageModel",
     "StageSpec",
     "StageTables",
+    "__version__",
     "builtin_path",
     "builtin_scenarios",
     "check_allocation",

@@ -97,8 +97,11 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)  # mkstemp makes it private; these are ordinary data files
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            # A failed write (disk full) names no file by itself; name the destination.
+            raise OSError(err.errno, err.strerror, str(p)) from err
         raise
     return p
 

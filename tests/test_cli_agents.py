@@ -9,7 +9,8 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from agents.cli import compare, eval_cmd, train
+from agents.cli.compare_cmd import compare
+from agents.cli.train_eval import eval_cmd, train
 from agents.compare import RUN_COLUMNS
 
 TINY_PPO = {"ppo": {"n_timesteps": 256, "policy": "MlpPolicy", "n_envs": 2,
@@ -60,9 +61,12 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     res = invoke(compare, ["--scenarios", "dlrm-criteo", "--agents", "even", "--seeds", "1",
                            "--out", str(blocker / "out")])
-    assert_one_line_error(res, str(blocker / "out"), "not writable")
+    assert_one_line_error(res, "a-file/out", "not writable")
     res = invoke(train, ["--agent", "qlearning-scratch", "--out", str(blocker / "out")])
     assert_one_line_error(res, "not writable")
+    res = invoke(compare, ["--scenarios", "dlrm-criteo", "--agents", "even", "--seeds", "1",
+                           "--out", str(blocker)])
+    assert_one_line_error(res, "a-file", "is a file")
 
 
 def test_other_user_errors(tmp_path: Path) -> None:

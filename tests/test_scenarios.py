@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import small_scenario
 
-from intune_env.cli import main
+from agents.cli import main
 from simulators import ScenarioError, builtin_scenarios, load_scenario
 
 EXPECTED_BUILTINS = {"dlrm-criteo", "transform-heavy", "memory-tight", "io-bound-remote",
@@ -116,7 +116,7 @@ def test_cli_lists_and_shows() -> None:
 
 def test_cli_bad_file_one_line_exit_2(tmp_path: Path) -> None:
     path = _write(tmp_path, _mutate("misspelt"))
-    proc = subprocess.run([sys.executable, "-m", "intune_env.cli", "scenarios", "show",
+    proc = subprocess.run([sys.executable, "-m", "agents.cli", "scenarios", "show",
                            str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

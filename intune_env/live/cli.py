@@ -1,26 +1,24 @@
 """``intune calibrate`` and ``intune live-sweep``: click commands the ``intune`` group attaches.
 
-A user's fault (bad option value, unwritable output) prints one line and exits 2.
+A user's fault (bad option value, unwritable output) prints one line and exits 2
+(:func:`intune_env.cli.fail`). This module imports nothing above ``intune_env``.
 """
 
 from __future__ import annotations
 
-import sys
+import math
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
+
+from intune_env.cli import fail as _fail
 
 # The stage order of intune_env.live.pipeline.STAGES, repeated here so that attaching
 # these commands to ``intune`` does not import pyarrow (checked by a test).
 STAGES = ("read", "batch", "shuffle", "transform", "gpu_load")
 N_STAGES = len(STAGES)
 _DEFAULT_MAX = "16,4,4,4,4"
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"intune: error: {message}", err=True)
-    sys.exit(2)
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -46,14 +44,14 @@ def _setup(read_latency_ms: float, gpu_rate: float, cpus: int, max_workers: str,
            seed: int) -> Any:
     from intune_env.live.calibrate import LiveSetup
 
-    if read_latency_ms < 0:
-        _fail(f"--read-latency-ms must be >= 0, got {read_latency_ms}")
-    if gpu_rate <= 0:
-        _fail(f"--gpu-rate must be > 0, got {gpu_rate}")
+    if not 0 <= read_latency_ms < math.inf:
+        _fail(f"--read-latency-ms must be finite and >= 0, got {read_latency_ms}")
+    if not 0 < gpu_rate < math.inf:
+        _fail(f"--gpu-rate must be finite and > 0, got {gpu_rate}")
     if cpus < N_STAGES:
         _fail(f"--cpus must be >= {N_STAGES} (one worker per stage), got {cpus}")
-    if memory_budget_mib <= 0:
-        _fail(f"--memory-budget-mib must be > 0, got {memory_budget_mib}")
+    if not 0 < memory_budget_mib < math.inf:
+        _fail(f"--memory-budget-mib must be finite and > 0, got {memory_budget_mib}")
     if batch_size < 1:
         _fail(f"--batch-size must be >= 1, got {batch_size}")
     if transform_rounds < 0:
@@ -91,10 +89,10 @@ def _common(f: Any) -> Any:
 
 
 def _check_times(warmup_s: float | None, measure_s: float | None) -> None:
-    if warmup_s is not None and warmup_s < 0:
-        _fail(f"--warmup-s must be >= 0, got {warmup_s}")
-    if measure_s is not None and measure_s <= 0:
-        _fail(f"--measure-s must be > 0, got {measure_s}")
+    if warmup_s is not None and not 0 <= warmup_s < math.inf:
+        _fail(f"--warmup-s must be finite and >= 0, got {warmup_s}")
+    if measure_s is not None and not 0 < measure_s < math.inf:
+        _fail(f"--measure-s must be finite and > 0, got {measure_s}")
 
 
 @click.command("calibrate")

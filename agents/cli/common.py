@@ -1,0 +1,165 @@
+"""Checks every ``intune`` subcommand makes at its boundary, before any long work starts.
+
+Each check either returns a usable value or calls :func:`fail` (one line on stderr, exit 2).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agents import registry
+from agents.plugins import PluginError
+from intune_env.cli import fail, warn
+from simulators import Scenario, ScenarioError, load_scenario
+from simulators.fileio import ECHO_CHARS, InputFileError, echo
+
+#: Exceptions that are a user's fault wherever they surface: one line, exit 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ScenarioError, InputFileError, PluginError, registry.UnknownAgentError,
+    registry.AgentUnavailableError, FileNotFoundError, zipfile.BadZipFile)
+
+TRUST_MODEL_HELP = ("also load model files that need unpickling (legacy .pkl statistics, "
+                    "pickled objects in an SB3 zip). Unpickling runs any code the file "
+                    "holds: only for model files you made or fully trust")
+
+_PLUGIN_HINT = ("; load the module that registers it with `intune --plugin FILE.py` "
+                "or an `intune.plugins` entry point")
+
+
+def show_path(path: str | Path) -> str:
+    """A path safe to print, capped at its tail (the file name is what tells)."""
+    text = echo(str(path), limit=1 << 30)  # escape control characters only
+    return text if len(text) <= ECHO_CHARS else "..." + text[-(ECHO_CHARS - 3):]
+
+
+def trust_model_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--trust-model`` flag (eval, run, compare)."""
+    return click.option("--trust-model", is_flag=True, help=TRUST_MODEL_HELP)(f)
+
+
+def trust_kwargs(trust_model: bool, target: Callable[..., Any],
+                 model_path: Path | bool | None = True) -> dict[str, Any]:
+    """``{"trust_model": True}`` when the flag is set, else nothing (the safe default).
+
+    Passing the keyword only when asked keeps the default call unchanged; a callee that
+    does not know the keyword cannot honour the flag, which must not pass silently.
+    ``model_path=None`` (no model to load): the flag has no effect, said in a warning.
+    """
+    if not trust_model:
+        return {}
+    if model_path is None:
+        warn("--trust-model has no effect without --model")
+        return {}
+    params = inspect.signature(target).parameters
+    if "trust_model" not in params and not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        fail(f"--trust-model is not supported by {getattr(target, '__name__', target)} "
+             "in this version")
+    return {"trust_model": True}
+
+
+#: Seeds are what numpy and Gymnasium accept: integers in [0, 2**63).
+SEED = click.IntRange(0, 2**63 - 1)
+#: Longest simulated episode (11.6 days; 500,000 steps at the default 2 s interval):
+#: ``--duration-s 1e300`` would otherwise run for ever.
+MAX_DURATION_S = 1e6
+
+
+def finite_positive(value: float, flag: str, high: float = MAX_DURATION_S) -> float:
+    """``value`` if it is a finite number in (0, ``high``] (``inf``, ``nan``, ``0`` refused)."""
+    if not (math.isfinite(value) and 0 < value <= high):
+        fail(f"{flag} must be a finite number > 0 and at most {high:,g}, got {value}")
+    return value
+
+
+def at_least(value: int | None, minimum: int, flag: str) -> None:
+    """Refuse an integer option below ``minimum`` (``None``: not given, fine)."""
+    if value is not None and value < minimum:
+        fail(f"{flag} must be at least {minimum}, got {value}")
+
+
+def scenario_error_line(err: BaseException) -> str:
+    """The scenario error's line, with how to load a plugin if a stage kind is unknown."""
+    msg = str(err)
+    if "unknown stage kind" in msg and "--plugin" not in msg:
+        msg += _PLUGIN_HINT
+    return msg
+
+
+def load_scenario_or_fail(spec: str) -> Scenario:
+    """The validated scenario ``spec`` (built-in name or YAML file), or one line."""
+    try:
+        return load_scenario(spec)
+    except (ScenarioError, InputFileError) as err:
+        fail(scenario_error_line(err))
+
+
+def warn_late_events(sc: Scenario, duration_s: float) -> None:
+    """One stderr line per scenario whose events fall at or after the episode's end."""
+    late = [ev.at_s for ev in sc.events if ev.at_s >= duration_s]
+    if late:
+        when = ", ".join(f"{t:g} s" for t in late[:5]) + (" ..." if len(late) > 5 else "")
+        warn(f"scenario {echo(sc.name)}: {len(late)} event(s) at {when}, at or after the "
+             f"episode's end ({duration_s:g} s); they never happen")
+
+
+def check_agent(name: str) -> str:
+    """``name`` if the agent exists and its modules import, else one line."""
+    try:
+        registry.ensure_available(name)
+    except (registry.UnknownAgentError, registry.AgentUnavailableError) as err:
+        fail(str(err))
+    return name
+
+
+def learns(name: str) -> bool:
+    """Whether agent ``name`` has learned state (a model file) to load."""
+    if name in registry.TRAINABLE:
+        return True
+    # A plugin agent's factory takes model_path and decides for itself.
+    return name in registry.known_agents() and name not in registry.AGENT_NAMES
+
+
+def check_model(agent_name: str, model_path: Path | None) -> None:
+    """Refuse ``--model`` for an agent without learned state, or a model that is missing."""
+    if model_path is None:
+        return
+    if not learns(agent_name):
+        fail(f"--model: agent {agent_name!r} does not learn and loads no model; agents "
+             f"with a model: {', '.join(registry.TRAINABLE)}")
+    if not model_path.exists():
+        fail(f"--model {show_path(model_path)}: no such file")
+    if model_path.is_dir():
+        fail(f"--model {show_path(model_path)}: is a folder; expected a model file")
+
+
+def writable_dir(path: Path, what: str = "--out") -> Path:
+    """Create ``path`` if needed and check a file can be written in it, else one line."""
+    shown = show_path(path)
+    if path.exists() and not path.is_dir():
+        fail(f"{what} {shown}: is a file; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        fail(f"{what} {shown}: output folder is not writable ({err.strerror})")
+    return path
+
+
+def writable_file(path: Path, what: str) -> Path:
+    """Refuse an output file path that is a folder or whose folder cannot be written."""
+    if path.is_dir():
+        fail(f"{what} {show_path(path)}: is a folder; expected a file path")
+    writable_dir(path.parent, what)
+    return path

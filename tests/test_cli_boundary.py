@@ -1,0 +1,194 @@
+"""Every subcommand refuses bad input and I/O faults at its boundary: one line, exit 2."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from agents.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG = "a" * 300  # longer than NAME_MAX (255) on every common file system
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line(res: Result, *fragments: str) -> str:
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("intune: error: "), res.stderr
+    assert "Traceback" not in res.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e300"])  # 1e300: no end
+def test_duration_must_be_finite_and_positive(value: str, tmp_path: Path) -> None:
+    one_line(invoke("eval", "--agent", "even", "--duration-s", value), "--duration-s")
+    one_line(invoke("run", "--agent", "even", "--duration-s", value), "--duration-s")
+    one_line(invoke("compare", "--agents", "even", "--scenarios", "dlrm-criteo", "--seeds",
+                    "1", "--duration-s", value, "--out", str(tmp_path)), "--duration-s")
+
+
+def test_integer_options_have_lower_bounds() -> None:
+    one_line(invoke("run", "--every", "0"), "--every must be at least 1, got 0")
+    one_line(invoke("eval", "--agent", "even", "--episodes", "0"), "--episodes")
+    one_line(invoke("scenarios", "generate", "--count", "0", "--out", "x"), "--count")
+
+
+def test_model_for_an_agent_that_does_not_learn(tmp_path: Path) -> None:
+    model = tmp_path / "m.json"
+    model.write_text("{}")
+    for cmd in ("eval", "run"):
+        one_line(invoke(cmd, "--agent", "even", "--model", str(model)), "'even' does not learn")
+    one_line(invoke("run", "--agent", "qlearning", "--model", str(tmp_path / "no.json")),
+             "no such file")
+    one_line(invoke("run", "--agent", "ppo"), "needs a trained model", "--model")
+
+
+def test_run_loads_a_trained_table(tmp_path: Path) -> None:
+    res = invoke("train", "--agent", "qlearning-scratch", "--steps", "60", "--out",
+                 str(tmp_path), "--no-progress")
+    assert res.exit_code == 0, res.output
+    table = tmp_path / "qlearning-scratch.json"
+    res = invoke("run", "--agent", "qlearning-scratch", "--model", str(table), "--scenario",
+                 "machine-resize", "--duration-s", "20", "--every", "5")
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "qlearning-scratch on machine-resize: mean fraction of oracle" in res.stdout
+    # a table is not an SB3 model: the loader refuses it with one line
+    broken = tmp_path / "broken.json"
+    broken.write_text("[1, 2")
+    one_line(invoke("run", "--agent", "qlearning-scratch", "--model", str(broken)),
+             "broken.json")
+
+
+def test_train_refuses_a_folder_where_the_model_goes_before_training(tmp_path: Path) -> None:
+    (tmp_path / "qlearning-scratch.json").mkdir()
+    res = invoke("train", "--agent", "qlearning-scratch", "--steps", "100000", "--out",
+                 str(tmp_path), "--no-progress")
+    one_line(res, "qlearning-scratch.json", "is a folder")
+    assert "saved" not in res.stdout
+
+
+def test_out_naming_a_file_says_it_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "f.txt"
+    blocker.write_text("x")
+    one_line(invoke("train", "--agent", "qlearning-scratch", "--out", str(blocker)), "is a file")
+    one_line(invoke("compare", "--agents", "even", "--scenarios", "dlrm-criteo", "--seeds", "1",
+                    "--out", str(blocker)), "is a file")
+    one_line(invoke("scenarios", "generate", "--count", "1", "--out", str(blocker)), "is a file")
+
+
+def test_names_too_long_for_the_file_system(tmp_path: Path) -> None:
+    one_line(invoke("compare", "--agents", "even", "--scenarios", "dlrm-criteo", "--seeds", "1",
+                    "--out", str(tmp_path / LONG)), "File name too long")
+    one_line(invoke("train", "--agent", "qlearning-scratch", "--out", str(tmp_path / LONG)),
+             "File name too long")
+    line = one_line(invoke("scenarios", "show", str(tmp_path / f"{LONG}.yaml")))
+    assert len(line) < 400  # the echoed path is capped
+
+
+def test_disk_full_is_one_line_and_leaves_nothing_half_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)  # every atomic write fsyncs before renaming
+    res = invoke("train", "--agent", "qlearning-scratch", "--steps", "30", "--out",
+                 str(tmp_path), "--no-progress")
+    one_line(res, "No space left on device", "disk is full")
+    assert list(tmp_path.iterdir()) == []  # no table, no temporary file
+
+
+def _tiny_tmpfs(path: Path) -> bool:
+    path.mkdir()
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                          capture_output=True)
+    return proc.returncode == 0
+
+
+def test_disk_really_full(tmp_path: Path) -> None:
+    mnt = tmp_path / "tiny"
+    if not _tiny_tmpfs(mnt):
+        pytest.skip("needs root to mount a 64 KiB tmpfs")
+    try:
+        with open(mnt / "filler", "wb", buffering=0) as fh, pytest.raises(OSError):
+            while True:
+                fh.write(b"x" * 4096)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for args in (["train", "--agent", "qlearning-scratch", "--steps", "30",
+                      "--no-progress", "--out", str(mnt / "m")],
+                     ["compare", "--agents", "even", "--scenarios", "machine-resize",
+                      "--seeds", "1", "--duration-s", "10", "--jobs", "1", "--no-progress",
+                      "--out", str(mnt / "c")]):
+            proc = subprocess.run([sys.executable, "-m", "agents.cli", *args], cwd=ROOT,
+                                  env=env, capture_output=True, text=True, timeout=300)
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("intune: error")]
+            assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+            assert "No space left on device" in errors[0] and "Traceback" not in proc.stderr
+        assert not [p for p in mnt.rglob("*.tmp")]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "--every", "abc"], "'abc' is not a valid integer"),
+    (["nosuchcommand"], "No such command"),
+    (["train"], "Missing option '--agent'"),
+    (["compare", "--executor", "slurm", "--out", "x"], "--executor"),
+    (["run", "--seed", "-1"], "--seed"),
+    (["eval", "--agent", "even", "--seed", str(2**64)], "--seed"),
+    (["train", "--agent", "qlearning-scratch", "--seed", "-3", "--out", "x"], "--seed"),
+])
+def test_usage_errors_are_one_line(args: list[str], fragment: str) -> None:
+    one_line(invoke(*args), fragment, "--help")
+
+
+def test_scenarios_generate_writes_valid_files(tmp_path: Path) -> None:
+    pytest.importorskip("simulators.generate", reason="scenario generator not merged yet")
+    out = tmp_path / "gen"
+    res = invoke("scenarios", "generate", "--count", "3", "--seed", "7", "--out", str(out))
+    assert res.exit_code == 0, (res.output, res.exception)
+    files = sorted(out.glob("*.yaml"))
+    assert len(files) == 3 and "wrote 3 scenarios" in res.output
+    for f in files:
+        assert invoke("scenarios", "show", str(f)).exit_code == 0
+    again = tmp_path / "again"
+    assert invoke("scenarios", "generate", "--count", "3", "--seed", "7", "--out",
+                  str(again)).exit_code == 0
+    assert [f.read_bytes() for f in files] == [f.read_bytes()
+                                               for f in sorted(again.glob("*.yaml"))]
+
+
+def test_error_lines_are_safe_and_bounded() -> None:
+    from intune_env.cli import MAX_LINES, error_lines
+
+    assert error_lines("a\n\n  b   c\n") == ["a", "b c"]
+    assert error_lines("\x1b[31mred\x1b[0m") == ["\\x1b[31mred\\x1b[0m"]  # no escapes reach a tty
+    many = error_lines("\n".join(f"fault {i}" for i in range(20)))
+    assert len(many) == MAX_LINES and many[-1] == "(+13 more lines)"
+    assert len(error_lines("x" * 10**6)[0]) < 1100
+
+
+def test_reader_leaving_the_pipe_is_a_quiet_exit() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "run", "--agent", "even",
+                             "--duration-s", "2000", "--every", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert err == "", err
