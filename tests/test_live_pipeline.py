@@ -252,7 +252,7 @@ def test_table_round_trip_of_a_batch() -> None:
     assert b.cat.dtype == np.int64 and b.cat.shape == (64, 26)
     assert (b.cat[np.asarray(t.column("C1").is_null()), 0] == 0).all()
     out = pl.transform_fn(b, {"transform_rounds": 2, "table_size": 1000,
-                              "salts": pl._salts()}, {})
+                              "salts": pl.salts()}, {})
     assert out.cat.min() >= 0 and out.cat.max() < 1000
     assert np.isfinite(out.dense).all() and (out.dense >= 0).all()
     assert isinstance(t, pa.Table)
