@@ -380,10 +380,6 @@ class LivePipeline:
                     b.clear()
                 return
 
-    def memory_bytes(self) -> int:
-        """Latest RSS of the process tree (sampled by the monitor)."""
-        return self._mem
-
     # --- measurements ------------------------------------------------------------------
     def counters(self, fresh_memory: bool = True) -> Counters:
         """Cumulative counters; ``peak_memory_bytes`` is the peak since the previous call."""

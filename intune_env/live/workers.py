@@ -121,9 +121,6 @@ class Buffer:
             self.nbytes = 0
             self._cond.notify_all()
 
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 class RequestSource:
     """The read stage's input: row-group requests in a seeded order, epoch after epoch."""
@@ -137,8 +134,6 @@ class RequestSource:
         self._epoch = 0
         self._order: list[int] = []
         self._lock = threading.Lock()
-        self._done = False
-        self.issued = 0
 
     def get(self, interrupted: Callable[[], bool], waiter: Worker | None = None) -> Any:
         if interrupted():
@@ -146,12 +141,10 @@ class RequestSource:
         with self._lock:
             if not self._order:
                 if self._epochs is not None and self._epoch >= self._epochs:
-                    self._done = True
                     return END
                 self._order = self._rng.permutation(len(self._pairs)).tolist()[::-1]
                 self._epoch += 1
             path, group = self._pairs[self._order.pop()]
-            self.issued += 1
         return ReadRequest(path, group, self._rows)
 
     def wake(self) -> None:
@@ -334,10 +327,6 @@ class Pool:
     def threads(self) -> list[threading.Thread]:
         with self._lock:
             return [w.thread for w in self._workers]
-
-    def processes(self) -> list[subprocess.Popen]:
-        with self._lock:
-            return [w.process for w in self._workers if w.process is not None]
 
     # --- accounting --------------------------------------------------------------------
     def add_processed(self, n_in: int) -> None:
