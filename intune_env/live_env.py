@@ -25,6 +25,7 @@ from intune_env.live.config import (
 )
 from intune_env.live.data import N_CAT, N_DENSE, Dataset, DatasetSpec, ensure_dataset
 from intune_env.live.pipeline import Counters, LivePipeline, tree_rss
+from simulators.fileio import InputFileError, echo, read_text_limited
 from simulators.pipeline import check_allocation
 
 MIB = 1024**2
@@ -62,10 +63,19 @@ def load_oracle(oracle: Mapping[str, Any] | str | Path | None) -> dict[str, Any]
     if oracle is None:
         return None
     if isinstance(oracle, str | Path):
-        try:
-            data = json.loads(Path(oracle).read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"oracle: cannot read sweep JSON {oracle}: {err}") from None
+        try:  # bounded read (regular file, 1 MB, UTF-8); a sweep JSON is data
+            data = json.loads(read_text_limited(oracle, what="sweep JSON"))
+        except InputFileError as err:
+            raise ValueError(f"oracle: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"oracle: cannot read sweep JSON {echo(str(oracle))}: "
+                             f"{echo(str(err))}") from None
+        except RecursionError:  # json.loads of 100,000 nested brackets
+            raise ValueError(f"oracle: sweep JSON {echo(str(oracle))} is nested too "
+                             f"deeply") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"oracle: sweep JSON {echo(str(oracle))} must hold an object, "
+                             f"got {type(data).__name__}")
     else:
         data = dict(oracle)
     if "best" in data:

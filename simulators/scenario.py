@@ -452,6 +452,15 @@ class _ScenarioLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError, ArithmeticError) as err:
+            # give the line of a value the safe constructors reject (!!float abc)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {echo(getattr(node, 'value', '') or node.tag)}: "
+                f"{echo(str(err))}", node.start_mark) from None
+
     def construct_yaml_int(self, node: Any) -> Any:
         if len(node.value) > MAX_INT_CHARS:
             raise yaml.constructor.ConstructorError(
@@ -499,8 +508,9 @@ def _expanded_size(node: Any, memo: dict[int, int]) -> int:
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse scenario YAML text safely (see :class:`_ScenarioLoader`); :class:`ScenarioError`."""
-    loader = _ScenarioLoader(text)
+    loader = None
     try:
+        loader = _ScenarioLoader(text)  # the reader checks characters here already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -510,13 +520,17 @@ def parse_yaml(text: str, source: str) -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ScenarioError(f"{source}:{where}: invalid YAML: {echo(problem, 160)}") from None
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ScenarioError(f"{source}:{where} invalid YAML: {echo(problem, 160)}") from None
+    except (ValueError, TypeError, OverflowError, ArithmeticError) as err:
+        # a value the safe constructors reject without a mark (!!float abc, 2001-13-45)
+        raise ScenarioError(f"{source}: invalid YAML value: {echo(str(err), 160)}") from None
     except RecursionError:  # defence in depth: the depth cap should come first
         raise ScenarioError(f"{source}: YAML nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: Path) -> Any:

@@ -310,3 +310,16 @@ def test_cli_show_one_line_exit_2_for_fifo(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "regular file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("at_s: 2001-13-45\n", "line 1: invalid YAML: cannot read 2001-13-45"),
+    ("a: !!float abc\n", "line 1: invalid YAML: cannot read abc"),
+    ("a: !!int abc\n", "line 1: invalid YAML: cannot read abc"),
+    ("a: \x00\n", "invalid YAML: unacceptable character"),
+    ("? [1, 2]\n: 3\n", "found unhashable key"),
+    ("a: 1\n---\nb: 2\n", "line 2: invalid YAML"),
+])
+def test_values_the_safe_loader_rejects_give_one_line(tmp_path: Path, text: str,
+                                                      expected: str) -> None:
+    _one_line(_yaml(tmp_path, text), expected)

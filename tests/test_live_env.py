@@ -256,3 +256,25 @@ def test_live_defaults_have_one_source() -> None:
     assert options["gpu_rate"] == live.GPU_RATE
     assert options["memory_budget_mib"] == live.MEMORY_BUDGET_MIB
     assert cli.STAGES == live.STAGES
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("[1, 2]", "must hold an object"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (b"\xff\xfe\x00", "not UTF-8"),
+    ("{not json", "cannot read sweep JSON"),
+    (None, "regular file"),  # a FIFO: must not hang
+])
+def test_oracle_file_faults_are_one_line(tiny, tmp_path, content, expected) -> None:
+    import os
+
+    path = tmp_path / "sweep.json"
+    if content is None:
+        os.mkfifo(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=expected) as err:
+        InTuneLiveEnv(**tiny, oracle=str(path))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
