@@ -90,6 +90,13 @@ class ScenarioError(ValueError):
     """A scenario (file, name or dict) is malformed; the message is one readable line."""
 
 
+def _matching(value: str, pattern: str, expected: str) -> str:
+    """``value`` if it fully matches ``pattern``; else ``ValueError('must be ' + expected)``."""
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"must be {expected}")
+    return value
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: .inf and .nan are refused even where no bound would catch them
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -152,13 +159,9 @@ class StageSpec(_Strict):
     params: dict[str, float] = Field(default_factory=dict, max_length=32,
                                      description="kind-specific parameters")
 
-    @field_validator("name")
-    @classmethod
-    def _identifier(cls, v: str) -> str:
-        if not re.fullmatch(STAGE_NAME_PATTERN, v):
-            raise ValueError("must be a short identifier (a letter or _, then letters, "
-                             "digits, _ or -)")
-        return v
+    _identifier = field_validator("name")(classmethod(lambda cls, v: _matching(
+        v, STAGE_NAME_PATTERN, "a short identifier (a letter or _, then letters, digits, _ "
+        "or -)")))
 
     @field_validator("params")
     @classmethod
@@ -243,14 +246,10 @@ class Scenario(_Strict):
         raise ValueError("expected 'even', 'min' or a list of integer CPU counts, one per "
                          "stage")
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        # the name becomes part of file names (models, results): no '/', '..' or escapes
-        if not re.fullmatch(NAME_PATTERN, v):
-            raise ValueError("must be a safe identifier of at most 64 characters: a letter "
-                             "or digit, then letters, digits, '.', '_' or '-'")
-        return v
+    # the name becomes part of file names (models, results): no '/', '..' or escapes
+    _safe_name = field_validator("name")(classmethod(lambda cls, v: _matching(
+        v, NAME_PATTERN, "a safe identifier of at most 64 characters: a letter or digit, "
+        "then letters, digits, '.', '_' or '-'")))
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
