@@ -13,9 +13,20 @@ A scenario is a YAML file (or a dict) such as::
       - {at_s: 600, cpus: 16}
       - {at_s: 900, stage: shuffle, rate_per_cpu_factor: 0.5}
 
-Every fault is reported as one :class:`ScenarioError` line naming the source (file or
-``<dict>``), the field path and what was expected. Built-in scenarios live in
-``simulators/scenarios/*.yaml`` and are looked up by name.
+Every fault is a :class:`ScenarioError`: one line per fault (up to
+``MAX_ERRORS_SHOWN``, then "(+N more)"), each naming the source (file or ``<dict>``),
+the field path and what was expected, echoing at most ~80 characters of the input with
+control characters escaped. Built-in scenarios live in ``simulators/scenarios/*.yaml``
+and are looked up by name.
+
+Boundaries: a file is read through :func:`simulators.fileio.read_text_limited` (regular
+files only, 1 MB, strict UTF-8) and parsed by a ``yaml.SafeLoader`` (data, never code)
+that also refuses nesting deeper than ``MAX_YAML_DEPTH``, alias expansion beyond
+``MAX_YAML_NODES``, integer literals over ``MAX_INT_CHARS`` characters and duplicate
+keys. Every number has a finite bound (``MAX_*`` below) and derived quantities (worst-case
+memory, samples per control interval) are checked at validation, so whatever validates,
+the simulator and both envs run. ``name`` is a safe identifier (it ends up in file
+names). ``start_allocation`` (``even``, ``min`` or CPUs per stage) is optional.
 """
 
 from __future__ import annotations
@@ -87,7 +98,7 @@ MAX_ERRORS_SHOWN = 5
 
 
 class ScenarioError(ValueError):
-    """A scenario (file, name or dict) is malformed; the message is one readable line."""
+    """A scenario (file, name or dict) is malformed; one readable line per fault."""
 
 
 def _matching(value: str, pattern: str, expected: str) -> str:

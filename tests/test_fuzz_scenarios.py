@@ -82,6 +82,10 @@ def scenario_dicts(draw: st.DrawFn) -> dict[str, Any]:
         d["noise_cv"] = draw(_num(0.0, 0.3))
     if draw(st.booleans()):
         d["control_interval_s"] = draw(_num(0.01, 10.0))
+    if draw(st.integers(0, 3)) == 0:
+        d["start_allocation"] = draw(st.one_of(
+            st.sampled_from(["even", "min", "max", 3, None]),
+            st.lists(_int(1, 8), min_size=n - 1, max_size=n + 1)))
     return d
 
 
