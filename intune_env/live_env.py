@@ -14,16 +14,18 @@ import numpy as np
 import psutil
 
 from intune_env import common
-from intune_env.live.data import Dataset, DatasetSpec, ensure_dataset
-from intune_env.live.pipeline import (
+from intune_env.live import config as live
+from intune_env.live.config import (
     DEFAULT_MAX_WORKERS,
     DEFAULT_QUEUE_BATCHES,
     N_STAGES,
     STAGES,
-    Counters,
-    LivePipeline,
     PipelineConfig,
+    finite,
 )
+from intune_env.live.data import N_CAT, N_DENSE, Dataset, DatasetSpec, ensure_dataset
+from intune_env.live.pipeline import Counters, LivePipeline, tree_rss
+from simulators.fileio import InputFileError, echo, read_text_limited
 from simulators.pipeline import check_allocation
 
 MIB = 1024**2
@@ -42,9 +44,14 @@ def default_worker_budget() -> int:
 
 
 def default_memory_budget_mib() -> int:
-    """2 GiB, or half the machine's memory if that is smaller."""
+    """``live.config.MEMORY_BUDGET_MIB`` (2 GiB), or half the machine's memory if smaller."""
     total = psutil.virtual_memory().total // MIB
-    return int(min(2048, total // 2))
+    return int(min(live.MEMORY_BUDGET_MIB, total // 2))
+
+
+#: Bytes of one sample held by a shuffle worker (ids int64, label int8, dense float32,
+#: categorical int64: the batch stage's output).
+SHUFFLE_SAMPLE_BYTES = 8 + 1 + 4 * N_DENSE + 8 * N_CAT
 
 
 def load_oracle(oracle: Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:
@@ -56,10 +63,19 @@ def load_oracle(oracle: Mapping[str, Any] | str | Path | None) -> dict[str, Any]
     if oracle is None:
         return None
     if isinstance(oracle, str | Path):
-        try:
-            data = json.loads(Path(oracle).read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"oracle: cannot read sweep JSON {oracle}: {err}") from None
+        try:  # bounded read (regular file, 1 MB, UTF-8); a sweep JSON is data
+            data = json.loads(read_text_limited(oracle, what="sweep JSON"))
+        except InputFileError as err:
+            raise ValueError(f"oracle: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"oracle: cannot read sweep JSON {echo(str(oracle))}: "
+                             f"{echo(str(err))}") from None
+        except RecursionError:  # json.loads of 100,000 nested brackets
+            raise ValueError(f"oracle: sweep JSON {echo(str(oracle))} is nested too "
+                             f"deeply") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"oracle: sweep JSON {echo(str(oracle))} must hold an object, "
+                             f"got {type(data).__name__}")
     else:
         data = dict(oracle)
     if "best" in data:
@@ -167,28 +183,29 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
 
     def __init__(
         self,
-        control_interval_s: float = 1.0,
-        read_latency_ms: float = 20.0,
-        gpu_rate: float = 250_000.0,
+        control_interval_s: float = live.CONTROL_INTERVAL_S,
+        read_latency_ms: float = live.READ_LATENCY_MS,
+        gpu_rate: float = live.GPU_RATE,
         cpus: int | None = None,
         max_workers: Sequence[int] | None = None,
         memory_budget_mib: float | None = None,
         initial_allocation: Sequence[int] | None = None,
         data_dir: str | Path | None = None,
-        n_shards: int = 8,
-        rows_per_shard: int = 32768,
-        batch_size: int = 512,
+        n_shards: int = live.N_SHARDS,
+        rows_per_shard: int = live.ROWS_PER_SHARD,
+        batch_size: int = live.BATCH_SIZE,
         data_seed: int = 0,
-        shuffle_buffer: int = 2048,
-        transform_rounds: int = 4,
+        shuffle_buffer: int = live.SHUFFLE_BUFFER,
+        transform_rounds: int = live.TRANSFORM_ROUNDS,
         queue_batches: Sequence[int] | None = None,
         process_stages: Sequence[str] = (),
         reward_weights: common.RewardWeights | Mapping[str, float] | None = None,
         oracle: Mapping[str, Any] | str | Path | None = None,
         render_mode: str | None = None,
     ) -> None:
-        if control_interval_s <= 0:
-            raise ValueError(f"control_interval_s must be > 0, got {control_interval_s}")
+        control_interval_s = finite(control_interval_s, "control_interval_s")
+        gpu_rate = finite(gpu_rate, "gpu_rate")
+        read_latency_ms = finite(read_latency_ms, "read_latency_ms", strict=False)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.n = N_STAGES
@@ -200,8 +217,8 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
                              f"got {self.cpus}")
         self.max_workers = [int(k) for k in (max_workers or DEFAULT_MAX_WORKERS)]
         machine = psutil.virtual_memory().total
-        budget_mib = memory_budget_mib if memory_budget_mib is not None \
-            else default_memory_budget_mib()
+        budget_mib = finite(memory_budget_mib, "memory_budget_mib") \
+            if memory_budget_mib is not None else default_memory_budget_mib()
         self.memory_capacity_bytes = int(budget_mib * MIB)
         if not 0 < self.memory_capacity_bytes < machine:
             raise ValueError(f"memory_budget_mib must be > 0 and below the machine's "
@@ -225,6 +242,8 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
         self.initial_allocation = self._valid_allocation(
             initial_allocation if initial_allocation is not None else [1] * self.n,
             "initial_allocation")
+        if initial_allocation is not None:
+            self._check_memory(self.initial_allocation, "initial_allocation")
         self.dataset: Dataset = ensure_dataset(
             DatasetSpec(n_shards=n_shards, rows_per_shard=rows_per_shard,
                         row_group_size=batch_size, seed=data_seed), data_dir)
@@ -249,6 +268,20 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
             raise ValueError(f"{what} uses {sum(alloc)} workers, above the budget of "
                              f"{self.cpus} (cpus)")
         return alloc
+
+    def _check_memory(self, alloc: Sequence[int], what: str) -> None:
+        """Refuse a start that cannot fit the memory budget: this process's RSS now plus
+        what the shuffle workers will hold once warm (a lower bound of the need)."""
+        rss = tree_rss()
+        held = alloc[STAGES.index("shuffle")] * self.config.shuffle_buffer * \
+            SHUFFLE_SAMPLE_BYTES
+        need = rss + held
+        if need > self.memory_capacity_bytes:
+            raise ValueError(
+                f"{what} {list(alloc)} needs at least {need / MIB:.0f} MiB (this process "
+                f"uses {rss / MIB:.0f} MiB, its shuffle workers hold {held / MIB:.0f} MiB); "
+                f"the memory budget is {self.memory_capacity_bytes / MIB:.0f} MiB "
+                f"(memory_budget_mib)")
 
     @property
     def pipeline(self) -> LivePipeline | None:
@@ -332,6 +365,7 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
         alloc = self.initial_allocation
         if options and options.get("allocation") is not None:
             alloc = self._valid_allocation(options["allocation"], 'options["allocation"]')
+            self._check_memory(alloc, 'options["allocation"]')
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from simulators.fileio import echo
 from simulators.scenario import KIB, MIB, StageSpec
 
 _REGISTRY: dict[str, type[StageModel]] = {}
@@ -144,8 +145,11 @@ def stage_model_class(kind: str) -> type[StageModel]:
     try:
         return _REGISTRY[kind]
     except KeyError:
+        # Never imported because a file names it: a scenario file is data.
         raise KeyError(
-            f"unknown stage kind {kind!r}; registered: {', '.join(sorted(_REGISTRY))}"
+            f"unknown stage kind {echo(repr(kind))}; registered: {', '.join(sorted(_REGISTRY))}; "
+            f"load the module that registers it with `intune --plugin FILE.py` or an "
+            f"`intune.plugins` entry point"
         ) from None
 
 

@@ -136,15 +136,16 @@ def test_invalid_moves_are_flagged_no_ops_and_bad_actions_raise(tiny) -> None:
 
 def test_exceeding_the_memory_budget_terminates_like_an_oom(tiny) -> None:
     # Budget: what this process uses now plus 48 MiB. Big per-worker shuffle buffers
-    # (~270 B a sample) then outgrow it within a few intervals.
+    # (~270 B a sample) then outgrow it within a few intervals. (An explicit start with
+    # these numbers is refused up front; the default start is not, and it runs out.)
     budget = tree_rss() / 2**20 + 48
     cfg = {**tiny, "read_latency_ms": 0.0, "shuffle_buffer": 600_000,
            "memory_budget_mib": budget, "control_interval_s": 0.25}
     env = InTuneLiveEnv(**cfg)
     try:
-        _, info = env.reset(seed=0, options={"allocation": [2, 1, 2, 1, 1]})
+        _, info = env.reset(seed=0)
         weights = common.RewardWeights()
-        for _ in range(40):
+        for _ in range(80):
             _, rew, term, trunc, info = env.step(0)
             if term:
                 break
@@ -207,3 +208,73 @@ def test_process_workers_are_gone_after_close(tiny) -> None:
     assert after <= before
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in pids)
+
+
+@pytest.mark.parametrize("arg", ["gpu_rate", "control_interval_s", "read_latency_ms",
+                                 "memory_budget_mib"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "abc"])
+def test_numeric_arguments_must_be_finite(tiny, arg: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"^{arg} must be a"):
+        InTuneLiveEnv(**{**tiny, arg: value})
+    assert _no_pipeline_threads()
+
+
+def test_explicit_start_that_cannot_fit_the_budget_is_refused(tiny) -> None:
+    # Three shuffle workers holding 10**6 samples each need ~770 MiB: over a 600 MiB budget.
+    big = {**tiny, "shuffle_buffer": 10**6, "memory_budget_mib": 600.0}
+    with pytest.raises(ValueError, match=r"initial_allocation \[1, 1, 2, 1, 1\] needs at "
+                                         r"least \d+ MiB .* memory budget is 600 MiB"):
+        InTuneLiveEnv(**big, initial_allocation=[1, 1, 2, 1, 1])
+    env = InTuneLiveEnv(**big)  # the default start is not refused
+    try:
+        with pytest.raises(ValueError, match=r'options\["allocation"\] .* needs at least'):
+            env.reset(seed=0, options={"allocation": [1, 1, 2, 1, 1]})
+        assert env.pipeline is None  # nothing started
+    finally:
+        env.close()
+
+
+def test_live_defaults_have_one_source() -> None:
+    """gpu_rate, control interval and budgets: every entry point reads live.config."""
+    import inspect
+
+    from intune_env.live import calibrate as cal
+    from intune_env.live import cli
+    from intune_env.live import config as live
+
+    env_defaults = {k: p.default for k, p in
+                    inspect.signature(InTuneLiveEnv.__init__).parameters.items()}
+    setup = cal.LiveSetup()
+    assert pl.PipelineConfig().gpu_rate == setup.gpu_rate == env_defaults["gpu_rate"] \
+        == live.GPU_RATE
+    assert setup.control_interval_s == env_defaults["control_interval_s"] \
+        == live.CONTROL_INTERVAL_S
+    assert setup.read_latency_ms == env_defaults["read_latency_ms"] == live.READ_LATENCY_MS
+    assert setup.memory_budget_mib == live.MEMORY_BUDGET_MIB
+    assert tuple(setup.max_workers) == live.DEFAULT_MAX_WORKERS
+    options = {p.name: p.default for p in cli.calibrate.params}
+    assert options["gpu_rate"] == live.GPU_RATE
+    assert options["memory_budget_mib"] == live.MEMORY_BUDGET_MIB
+    assert cli.STAGES == live.STAGES
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("[1, 2]", "must hold an object"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (b"\xff\xfe\x00", "not UTF-8"),
+    ("{not json", "cannot read sweep JSON"),
+    (None, "regular file"),  # a FIFO: must not hang
+])
+def test_oracle_file_faults_are_one_line(tiny, tmp_path, content, expected) -> None:
+    import os
+
+    path = tmp_path / "sweep.json"
+    if content is None:
+        os.mkfifo(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=expected) as err:
+        InTuneLiveEnv(**tiny, oracle=str(path))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300

@@ -252,7 +252,49 @@ def test_table_round_trip_of_a_batch() -> None:
     assert b.cat.dtype == np.int64 and b.cat.shape == (64, 26)
     assert (b.cat[np.asarray(t.column("C1").is_null()), 0] == 0).all()
     out = pl.transform_fn(b, {"transform_rounds": 2, "table_size": 1000,
-                              "salts": pl._salts()}, {})
+                              "salts": pl.salts()}, {})
     assert out.cat.min() >= 0 and out.cat.max() < 1000
     assert np.isfinite(out.dense).all() and (out.dense >= 0).all()
     assert isinstance(t, pa.Table)
+
+
+def test_every_stage_is_a_registered_callable() -> None:
+    from intune_env.live import stages
+
+    assert set(stages.STAGE_FUNCS) == set(pl.STAGES) == set(stages.STAGE_HOOKS)
+    assert all(callable(f) for f in stages.STAGE_FUNCS.values())
+    assert isinstance(stages.STAGE_HOOKS["shuffle"], stages.ShuffleHooks)
+    # The pipeline never branches on stage names: the pool code does not mention them.
+    import inspect
+
+    from intune_env.live import workers
+
+    src = inspect.getsource(workers)
+    for name in ("read", "batch", "shuffle", "transform", "gpu_load"):
+        assert f'"{name}"' not in src, name
+
+
+def test_registered_hooks_drive_a_pool(monkeypatch, dataset) -> None:
+    """Replacing a stage's registered hooks changes what the pipeline does."""
+    from intune_env.live import stages
+
+    seen = {"n": 0}
+
+    class Counting(stages.StageHooks):
+        def post(self, pool, out, state):
+            seen["n"] += out.n
+            return [out]
+
+    monkeypatch.setitem(stages.STAGE_HOOKS, "transform", Counting())
+    with LivePipeline(dataset, PipelineConfig(epochs=1, gpu_rate=5e6), [1, 1, 1, 1, 1]) as pipe:
+        assert pipe.wait_finished(60)
+        assert seen["n"] == pipe.delivery.count == dataset.spec.n_samples
+
+
+@pytest.mark.parametrize(("field", "value"), [("gpu_rate", float("inf")),
+                                              ("gpu_rate", float("nan")),
+                                              ("read_latency_ms", float("inf")),
+                                              ("monitor_interval_s", float("nan"))])
+def test_config_numbers_must_be_finite(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
+        PipelineConfig(**{field: value})

@@ -1,6 +1,11 @@
 """The live backend: a real DLRM-style input pipeline with resizable stage pools.
 
 - :mod:`intune_env.live.data`: Criteo-shaped Parquet shards, generated once per spec.
+- :mod:`intune_env.live.config`: the stage order, every live default, :class:`PipelineConfig`.
+- :mod:`intune_env.live.stages`: the items between stages and the registry of stages
+  (a function per item and per-worker hooks, by name).
+- :mod:`intune_env.live.processes`: worker processes of the stateless stages.
+- :mod:`intune_env.live.workers`: buffers, workers and resizable pools.
 - :mod:`intune_env.live.pipeline`: the pipeline (:class:`LivePipeline`).
 - :mod:`intune_env.live.calibrate`: live sweeps, fitting a simulator scenario, prediction
   error at held-out allocations.
@@ -19,10 +24,11 @@ _EXPORTS = {
     "Dataset": "intune_env.live.data",
     "DatasetSpec": "intune_env.live.data",
     "ensure_dataset": "intune_env.live.data",
-    "STAGES": "intune_env.live.pipeline",
+    "STAGES": "intune_env.live.config",
     "LivePipeline": "intune_env.live.pipeline",
-    "PipelineConfig": "intune_env.live.pipeline",
-    "PipelineError": "intune_env.live.pipeline",
+    "PipelineConfig": "intune_env.live.config",
+    "PipelineError": "intune_env.live.config",
+    "register_stage": "intune_env.live.stages",
     "tree_rss": "intune_env.live.pipeline",
 }
 

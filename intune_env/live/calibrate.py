@@ -33,13 +33,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from intune_env.live import config as live
+from intune_env.live.config import N_STAGES, STAGES, PipelineConfig
 from intune_env.live.data import Dataset, DatasetSpec, ensure_dataset
-from intune_env.live.pipeline import (
-    N_STAGES,
-    STAGES,
-    LivePipeline,
-    PipelineConfig,
-)
+from intune_env.live.pipeline import LivePipeline
 from simulators.pipeline import check_allocation
 
 MIB = 1024**2
@@ -71,19 +68,19 @@ class Measurement:
 class LiveSetup:
     """The live configuration being measured (dataset, pipeline knobs, worker budget)."""
 
-    read_latency_ms: float = 20.0
-    gpu_rate: float = 250_000.0
-    cpus: int = 16
-    max_workers: tuple[int, ...] = (16, 4, 4, 4, 4)
-    memory_budget_mib: float = 2048.0
-    n_shards: int = 8
-    rows_per_shard: int = 32768
-    batch_size: int = 512
+    read_latency_ms: float = live.READ_LATENCY_MS
+    gpu_rate: float = live.GPU_RATE
+    cpus: int = live.WORKER_BUDGET
+    max_workers: tuple[int, ...] = live.DEFAULT_MAX_WORKERS
+    memory_budget_mib: float = live.MEMORY_BUDGET_MIB
+    n_shards: int = live.N_SHARDS
+    rows_per_shard: int = live.ROWS_PER_SHARD
+    batch_size: int = live.BATCH_SIZE
     data_seed: int = 0
-    shuffle_buffer: int = 2048
-    transform_rounds: int = 4
-    queue_batches: tuple[int, ...] = (8, 8, 8, 8, 4)
-    control_interval_s: float = 1.0
+    shuffle_buffer: int = live.SHUFFLE_BUFFER
+    transform_rounds: int = live.TRANSFORM_ROUNDS
+    queue_batches: tuple[int, ...] = live.DEFAULT_QUEUE_BATCHES
+    control_interval_s: float = live.CONTROL_INTERVAL_S
     seed: int = 0
 
     def pipeline_config(self) -> PipelineConfig:

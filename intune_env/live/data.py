@@ -114,19 +114,6 @@ def generate_shard(spec: DatasetSpec, shard: int) -> pa.Table:
     return pa.table(cols)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_shard(spec: DatasetSpec, shard: int, path: Path) -> None:
     table = generate_shard(spec, shard)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -162,6 +149,9 @@ def default_data_dir() -> Path:
 
 def ensure_dataset(spec: DatasetSpec, data_dir: str | Path | None = None) -> Dataset:
     """Generate the dataset under ``data_dir/spec.key()`` unless a valid copy is there."""
+    # late: worker processes import this module and must not pay for the simulator
+    from simulators.fileio import InputFileError, read_text_limited, write_json_atomic
+
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     root = root / spec.key()
     root.mkdir(parents=True, exist_ok=True)
@@ -170,14 +160,14 @@ def ensure_dataset(spec: DatasetSpec, data_dir: str | Path | None = None) -> Dat
     wanted = {"format_version": FORMAT_VERSION, **asdict(spec)}
     trusted = False
     if manifest.exists():
-        try:
-            trusted = json.loads(manifest.read_text()) == wanted
-        except (OSError, ValueError):
+        try:  # bounded read: the manifest is a few hundred bytes
+            trusted = json.loads(read_text_limited(manifest, 1 << 16)) == wanted
+        except (InputFileError, ValueError):
             trusted = False
     if trusted and all(p.exists() for p in shards):
         return Dataset(spec, root, shards)
     for i, path in enumerate(shards):
         if not _valid_shard(path, spec):
             _write_shard(spec, i, path)
-    _atomic_write_bytes(manifest, json.dumps(wanted, indent=1).encode())
+    write_json_atomic(manifest, wanted, indent=1)
     return Dataset(spec, root, shards)
