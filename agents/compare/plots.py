@@ -95,6 +95,11 @@ def _allocation(plt: Any, sc: str, present: list[str], traces: dict[tuple[str, s
                 ymax = max(ymax, float(tot.max()))
             if not handles:
                 handles = ax.get_legend_handles_labels()  # type: ignore[assignment]
+        if len(r["time_s"]) < r["n_steps"]:  # the episode ended early: out of memory
+            end = r["time_s"][-1] if r["time_s"] else 0.0
+            ax.text(0.5, 0.5, f"out of memory at {end:.0f} s: the job produced nothing "
+                    f"after", transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                    color="firebrick")
         ax.set_ylabel("CPUs")
         ax.set_title(f"{ag} (seed {first})", fontsize=9, loc="left")
         ax.grid(axis="y", alpha=0.3)
@@ -129,7 +134,7 @@ def _summary(plt: Any, summary: list[dict[str, Any]], scenarios: Sequence[str],
             err[1].append(max(0.0, hi - ys[-1]))
             top = max(top, hi, ys[-1])
             if s["oom_rate"] > 0:
-                ax.text(xs[-1], max(ys[-1], hi) + 0.01, f"OOM {s['oom_rate']:.0%}",
+                ax.text(xs[-1], max(ys[-1], hi) + 0.02, f"OOM {s['oom_rate']:.0%}",
                         rotation=90, ha="center", va="bottom", fontsize=7)
         if xs:
             ax.bar(xs, ys, width, yerr=err, label=ag, color=colours[ag], capsize=2)

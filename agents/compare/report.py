@@ -19,8 +19,9 @@ LEGEND = (
     "bootstrap of that IQM; **OOM rate** = share of seeds whose job ran out of memory "
     "(it then produces nothing, counted as 0); **t90** = median simulated seconds until "
     "throughput stays >= 0.9 of the oracle ('never' if it does not for most seeds); "
-    "**memory** = mean memory in use / the machine's memory capacity over the episode "
-    "(1.00 = full; above ~0.95 a burst can crash the job); **x autotune** = final "
+    "**memory** = the pipeline's memory in use / the memory available to it "
+    "(``memory_bytes / memory_capacity_bytes`` of the env's info), averaged over the "
+    "steps that ran (above 1.00 the job runs out of memory); **x autotune** = final "
     "throughput relative to AUTOTUNE on the same seeds ('-': AUTOTUNE was not run or "
     "produced nothing, e.g. it ran out of memory)."
 )
