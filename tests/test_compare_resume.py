@@ -71,7 +71,7 @@ def test_broken_run_file_reruns(tmp_path: Path, scenario_file: Path, content: st
 def test_second_compare_on_same_folder_refused(tmp_path: Path, scenario_file: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()
-    with locked(out), pytest.raises(CompareError, match="another intune compare .* is running"):
+    with locked(out), pytest.raises(CompareError, match=r"another intune compare .* is running"):
         run_compare(str(scenario_file), "even", 1, out, duration_s=20.0, **KW)
     # released afterwards
     assert run_compare(str(scenario_file), "even", 1, out, duration_s=20.0, **KW).ran

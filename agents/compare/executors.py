@@ -95,8 +95,10 @@ class _Training:
             self.state.pop(key, None)
         else:
             self.state[key] = (done, total)
-        parts = [f"{k.split('__')[1]} {k.split('__')[0][:16]} {d * 100 // max(t, 1)}%"
-                 for k, (d, t) in list(self.state.items())[:3]]
+        parts = []
+        for k, (d, t) in list(self.state.items())[:3]:
+            sc, ag, seed = [*k.split("__"), "", ""][:3]
+            parts.append(f"{ag} {sc[:16]} {seed} {d * 100 // max(t, 1)}%")
         self.bar.set_postfix_str(("training " + ", ".join(parts)) if parts else "",
                                  refresh=True)
 
