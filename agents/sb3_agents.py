@@ -56,6 +56,7 @@ from agents.sb3_files import (
     SIDECAR_VERSION,
     ModelFileError,
     ObsStats,
+    echo_path,
     load_obs_stats,
     model_paths,
     read_json_file,
@@ -523,19 +524,19 @@ class SB3Agent(Agent):
         :class:`ModelFileError` with one line.
         """
         zpath, spath, mpath = model_paths(path)
-        where = echo(str(zpath))
+        where = echo_path(zpath)
         if not zpath.exists():
             raise ModelFileError(f"{where}: no such model file")
         meta: dict[str, Any] = {}
         if mpath.exists():
             raw_meta = read_json_file(mpath, "model sidecar")
             if not isinstance(raw_meta, dict):
-                raise ModelFileError(f"{echo(str(mpath))}: model sidecar must be a JSON "
+                raise ModelFileError(f"{echo_path(mpath)}: model sidecar must be a JSON "
                                      f"object, got {type(raw_meta).__name__}")
             meta = raw_meta
         saved_algo = meta.get("algo")
         if saved_algo is not None and not isinstance(saved_algo, str):
-            raise ModelFileError(f"{echo(str(mpath))}: field 'algo' must be a string")
+            raise ModelFileError(f"{echo_path(mpath)}: field 'algo' must be a string")
         try:
             if algo is not None and saved_algo is not None and \
                     canonical_algo(algo) != canonical_algo(saved_algo):
@@ -548,7 +549,7 @@ class SB3Agent(Agent):
         except ModelFileError:
             raise
         except ValueError as err:
-            raise ModelFileError(f"{echo(str(mpath))}: {err}") from None
+            raise ModelFileError(f"{echo_path(mpath)}: {err}") from None
         raw, data = read_model_zip(zpath)
         if env is not None:
             check_model_fits(where, meta, data, env)

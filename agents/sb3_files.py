@@ -56,6 +56,12 @@ class ModelFileError(ValueError):
     """A model file (zip, sidecar, statistics) that cannot be used; one-line message."""
 
 
+def echo_path(path: str | Path, limit: int = 200) -> str:
+    """A path safe to print; long ones keep their end (the file name matters most)."""
+    text = echo(str(path), limit=10**6)
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
 def model_paths(model_path: str | Path) -> tuple[Path, Path, Path]:
     """(``.zip``, ``.vecnormalize.json``, ``.json``) of a model given as ``X`` or ``X.zip``.
 
@@ -64,7 +70,7 @@ def model_paths(model_path: str | Path) -> tuple[Path, Path, Path]:
     """
     p = Path(model_path)
     if p.suffix not in (".zip", ""):
-        raise ModelFileError(f"{echo(str(p))}: an SB3 model is a .zip file (got a "
+        raise ModelFileError(f"{echo_path(p)}: an SB3 model is a .zip file (got a "
                              f"{echo(p.suffix)} file); pass the .zip SB3 saved")
     stem = p.with_suffix("") if p.suffix == ".zip" else p
     return (Path(f"{stem}.zip"), Path(f"{stem}{STATS_SUFFIX}"), Path(f"{stem}.json"))
@@ -142,7 +148,7 @@ def read_json_file(path: Path, what: str) -> Any:
     except InputFileError as err:
         raise ModelFileError(str(err)) from None
     except (json.JSONDecodeError, RecursionError) as err:
-        raise ModelFileError(f"{echo(str(path))}: {what} is not valid JSON "
+        raise ModelFileError(f"{echo_path(path)}: {what} is not valid JSON "
                              f"({getattr(err, 'msg', type(err).__name__)})") from None
 
 
@@ -151,11 +157,11 @@ def load_obs_stats(stats_path: Path, legacy_path: Path, trust_model: bool,
     """The statistics of a model that normalises observations (JSON, or a trusted pickle)."""
     if stats_path.exists():
         return ObsStats.from_dict(read_json_file(stats_path, "normalisation statistics"),
-                                  echo(str(stats_path)), n_obs)
+                                  echo_path(stats_path), n_obs)
     if legacy_path.exists():
         if not trust_model:
             raise ModelFileError(
-                f"{echo(str(legacy_path))}: statistics in pickle format can run code when "
+                f"{echo_path(legacy_path)}: statistics in pickle format can run code when "
                 f"loaded; refused ({_TRUST_HINT}), or re-save the model with this version")
         import pickle
 
@@ -164,9 +170,9 @@ def load_obs_stats(stats_path: Path, legacy_path: Path, trust_model: bool,
                 vn = pickle.load(fh)  # explicitly trusted by the caller
             return ObsStats.from_vec_normalize(vn)
         except Exception as err:
-            raise ModelFileError(f"{echo(str(legacy_path))}: cannot read statistics "
+            raise ModelFileError(f"{echo_path(legacy_path)}: cannot read statistics "
                                  f"({type(err).__name__})") from None
-    raise ModelFileError(f"{echo(str(stats_path))}: missing; the model was trained with "
+    raise ModelFileError(f"{echo_path(stats_path)}: missing; the model was trained with "
                          f"normalised observations and cannot be used without its statistics")
 
 
@@ -269,7 +275,7 @@ def _rebuild(key: str, item: dict[str, Any], algo_cls: Any, env_spaces: tuple[An
 
 def read_model_zip(zpath: Path) -> tuple[bytes, dict[str, Any]]:
     """The archive's bytes and its parsed ``data`` JSON, checked to be a usable SB3 model."""
-    where = echo(str(zpath))
+    where = echo_path(zpath)
     try:
         raw = read_bytes_limited(zpath, MAX_MODEL_BYTES, "SB3 model")
     except InputFileError as err:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import registry
+from agents.sb3_files import echo_path
 from simulators import builtin_scenarios, load_scenario
 from simulators.fileio import InputFileError, contained, echo, read_text_limited
 
@@ -162,7 +163,7 @@ def _model_for(agent: str, scenario: str, seed: int, out: Path,
                 if cand.exists():
                     return str(cand), False
             raise CompareError(
-                f"--models {echo(str(models_dir))}: no model for {echo(agent)} on "
+                f"--models {echo_path(models_dir)}: no model for {echo(agent)} on "
                 f"{echo(scenario)} seed {seed} (looked for "
                 f"{', '.join('/'.join(r) for r in rels)})")
         path = contained(out, "models", _safe(scenario), _safe(agent),
@@ -268,7 +269,7 @@ def read_run(path: Path, spec: RunSpec) -> tuple[dict[str, Any] | None, str]:
 def check_out_dir(out: Path) -> None:
     """Create ``out`` and ``out/runs``; one line if it is a file or not writable."""
     if out.exists() and not out.is_dir():
-        raise CompareError(f"--out {echo(str(out))}: is a file; expected a folder (it is "
+        raise CompareError(f"--out {echo_path(out)}: is a file; expected a folder (it is "
                            f"created if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +278,7 @@ def check_out_dir(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise CompareError(f"--out {echo(str(out))}: output folder is not writable "
+        raise CompareError(f"--out {echo_path(out)}: output folder is not writable "
                            f"({err.strerror})") from None
 
 
@@ -294,7 +295,7 @@ def locked(out: Path) -> Iterator[None]:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise CompareError(f"--out {echo(str(out))}: another intune compare (pid "
+            raise CompareError(f"--out {echo_path(out)}: another intune compare (pid "
                                f"{echo(holder, 12)}) is running on this folder; wait for "
                                f"it or use another --out") from None
         os.ftruncate(fd, 0)
