@@ -59,34 +59,37 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def _kill_mid_grid(tmp_path: Path, group: bool) -> list[psutil.Process]:
+    """Start a grid of runs that would take minutes, SIGKILL the parent (or its whole
+    process group) once its workers run; return the workers, given 10 s to go."""
+    proc, _ = _start(tmp_path, 20000.0)
+    kids = _wait_children(proc, 2)
+    time.sleep(0.5)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return kids
+
+
 def _sems() -> set[str]:
     return set(glob.glob("/dev/shm/sem.mp-*"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
 def test_kill9_of_parent_leaves_no_orphan(tmp_path: Path) -> None:
-    proc, _ = _start(tmp_path, 20000.0)  # runs that would take minutes
-    kids = _wait_children(proc, 2)
-    time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    deadline = time.monotonic() + 10
-    while _alive(kids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    kids = _kill_mid_grid(tmp_path, group=False)
     assert not _alive(kids), [p.cmdline() for p in _alive(kids)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/dev/shm is Linux")
 def test_kill9_of_process_group_leaks_no_semaphore(tmp_path: Path) -> None:
     before = _sems()
-    proc, _ = _start(tmp_path, 20000.0)
-    kids = _wait_children(proc, 2)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    deadline = time.monotonic() + 10
-    while _alive(kids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    kids = _kill_mid_grid(tmp_path, group=True)
     assert not _alive(kids)
     assert _sems() - before == set()
 

@@ -112,3 +112,13 @@ def test_traversal_name_in_models_path_refused(tmp_path: Path) -> None:
         _model_for("ppo", "..", 0, tmp_path / "o", models, "f" * 64)
     path, train = _model_for("ppo", "../x", 0, tmp_path / "o", None, "f" * 64)
     assert train and (tmp_path / "o").resolve() in Path(path).parents
+
+
+def test_summary_defines_every_column(tmp_path: Path, scenario_file: Path) -> None:
+    out = tmp_path / "o"
+    res = run_compare(str(scenario_file), "even", 1, out, duration_s=20.0, **KW)
+    md = (out / "summary.md").read_text()
+    for col in ("final fraction", "95% CI", "OOM rate", "t90", "memory", "x autotune"):
+        assert f"**{col}** =" in md, col
+    assert res.outputs == [out / "runs.csv", out / "summary.md", out / "summary.json"]
+    assert "summary.json" in res.summary_line() and "runs.csv" in res.summary_line()

@@ -230,3 +230,10 @@ def test_agent_descriptions_cover_every_agent() -> None:
     d = agent_descriptions()
     assert set(d) == set(known_agents())
     assert all(isinstance(v, str) and v and "\n" not in v for v in d.values())
+
+
+def test_train_refuses_folder_output_before_training(tmp_path: Path) -> None:
+    (tmp_path / "ppo.zip").mkdir()
+    with pytest.raises(ModelFileError, match="is a folder"):
+        train_sb3("ppo", "machine-resize", tmp_path / "ppo.zip", n_timesteps=10**9,
+                  overrides=_TINY)  # would take hours if it trained first
