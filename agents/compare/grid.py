@@ -7,9 +7,10 @@ A run is keyed twice:
   are sanitised and given a short hash so two names never share a file);
 - its *fingerprint* is a hash of everything that determines the result: the validated
   scenario content, the duration, the agent and its options (a registered factory's
-  import path, a given model's bytes), the seed, the SB3 budget and hyperparameters, and
-  the package version. A result file is reused only if it parses, validates and carries
-  the same fingerprint; otherwise the run is rerun and the reason is said.
+  import path, a given model's bytes, the pretrained Q-table's bytes), the seed, the
+  SB3 budget and hyperparameters, and the package version. A result file is reused only
+  if it parses, validates and carries the same fingerprint; otherwise the run is rerun
+  and the reason is said.
 
 SB3 models a run trains are cached under ``OUT/models/<scenario>/<agent>/`` in a file
 named by the fingerprint of their training inputs, so a changed budget or scenario
@@ -113,6 +114,13 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _pretrained_digest() -> str:
+    """Digest of the pretrained Q-table ``qlearning`` starts from (regenerated tables
+    change results without changing the package version)."""
+    path = Path(__file__).resolve().parents[1] / "pretrained" / "qtable.json"
+    return _file_digest(path) if path.exists() else "-"
+
+
 def _model_digest(zpath: Path) -> str:
     """Digest of a given model: the zip and the sidecars next to it."""
     from agents.sb3_files import model_paths
@@ -195,6 +203,8 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
         for agent in agents:
             factory = registry._EXTRA.get(agent)
             agent_id: dict[str, Any] = {"name": agent}
+            if agent == "qlearning":  # starts from the shipped table: its content counts
+                agent_id["table"] = _pretrained_digest()
             if factory is not None:
                 agent_id["factory"] = f"{getattr(factory, '__module__', '?')}." \
                                       f"{getattr(factory, '__qualname__', repr(factory))}"
