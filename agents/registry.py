@@ -189,6 +189,9 @@ _DESCRIPTIONS: dict[str, str] = {
     "qlearning": "InTune's tabular Q-learning, from the shipped pretrained table; learns "
                  "online",
     "qlearning-scratch": "InTune's tabular Q-learning from an empty table; learns online",
+    "qlearning-frozen": "ablation: the pretrained Q-table, greedy, never updated online",
+    "qlearning-rule": "ablation: the Q-learning agent's perception and shield with a fixed "
+                      "rule, no table",
     "autotune": "a tf.data AUTOTUNE-like tuner (hill-climbs parallelism per stage)",
     "plumber": "a Plumber-like tuner (models stage rates, solves for an allocation)",
     "static": "the machine's CPUs split evenly across stages, never changed",
@@ -213,9 +216,13 @@ def agent_descriptions() -> dict[str, str]:
     for name in known_agents():
         if name in _DESCRIPTIONS:
             out[name] = _DESCRIPTIONS[name]
-        elif name in _NATIVE:  # added by another module without a line here
+        elif name in _NATIVE:  # added without a line here: the class docstring's first
             module, attr, _ = _NATIVE[name]
-            out[name] = f"{module}.{attr}"
+            try:
+                doc = inspect.getdoc(_import_class(name, module, attr)) or ""
+            except AgentUnavailableError as err:
+                doc = str(err)
+            out[name] = doc.splitlines()[0] if doc else f"{module}.{attr}"
         else:
             doc = inspect.getdoc(_EXTRA[name]) or ""
             out[name] = doc.splitlines()[0] if doc else "registered at run time"
