@@ -148,12 +148,17 @@ def _import_sb3(name: str) -> Any:
 
 
 def make_agent(name: str, env: gym.Env, seed: int | None = None,
-               model_path: str | Path | None = None, **kwargs: Any) -> Agent:
+               model_path: str | Path | None = None, *, trust_model: bool = False,
+               **kwargs: Any) -> Agent:
     """Build the agent ``name`` for ``env``.
 
     ``seed`` seeds the agent's own randomness; ``model_path`` loads learned state (an SB3
-    ``.zip``, a Q-table file). Raises :class:`UnknownAgentError` for an unknown name and
-    :class:`AgentUnavailableError` if its module, package or model is missing.
+    ``.zip``, a Q-table file). ``trust_model`` allows an SB3 model whose files need
+    unpickling (legacy ``.vecnormalize.pkl``, custom serialized objects), which can run
+    code: only for files from someone you trust (``--trust-model``). Raises
+    :class:`UnknownAgentError` for an unknown name, :class:`AgentUnavailableError` if its
+    module, package or model is missing, and
+    :class:`agents.sb3_files.ModelFileError` for an unusable SB3 model file.
     """
     check_agent_name(name)
     if name in _EXTRA:
@@ -163,11 +168,64 @@ def make_agent(name: str, env: gym.Env, seed: int | None = None,
             raise AgentUnavailableError(
                 f"agent {name!r} needs a trained model: train one with `intune train "
                 f"--agent {name}` and pass its .zip (--model PATH)")
-        return _import_sb3(name).load(model_path, algo=SB3_AGENTS[name])
+        return _import_sb3(name).load(model_path, algo=SB3_AGENTS[name],
+                                      trust_model=trust_model, env=env)
     module, attr, fixed = _NATIVE[name]
     cls = _import_class(name, module, attr)
     if name.startswith("qlearning"):
         return _make_qlearning(name, cls, seed, model_path, **fixed, **kwargs)
     if model_path is not None:
+        if not _has_own_load(cls):
+            raise AgentUnavailableError(
+                f"agent {name!r} learns nothing, so it takes no model file (--model)")
         return cls.load(model_path)
     return _construct(cls, env, seed, **fixed, **kwargs)
+
+
+def _has_own_load(cls: type[Agent]) -> bool:
+    return getattr(cls.load, "__func__", None) is not getattr(Agent.load, "__func__", None)
+
+
+#: One line per built-in agent, for ``intune agents``.
+_DESCRIPTIONS: dict[str, str] = {
+    "qlearning": "InTune's tabular Q-learning, from the shipped pretrained table; learns "
+                 "online",
+    "qlearning-scratch": "InTune's tabular Q-learning from an empty table; learns online",
+    "qlearning-frozen": "ablation: the pretrained Q-table, greedy, never updated online",
+    "qlearning-rule": "ablation: the Q-learning agent's perception and shield with a fixed "
+                      "rule, no table",
+    "autotune": "a tf.data AUTOTUNE-like tuner (hill-climbs parallelism per stage)",
+    "plumber": "a Plumber-like tuner (models stage rates, solves for an allocation)",
+    "static": "the machine's CPUs split evenly across stages, never changed",
+    "even": "same as static: an even split, never changed",
+    "min": "one CPU per stage, never changed (a lower bound)",
+    "random": "a random valid move every step (seeded)",
+    "oracle": "the oracle's allocation every step: an upper bound, not a tuner",
+    "ppo": "Stable-Baselines3 PPO; needs a trained model (intune train --agent ppo)",
+    "a2c": "Stable-Baselines3 A2C; needs a trained model (intune train --agent a2c)",
+    "dqn": "Stable-Baselines3 DQN; needs a trained model (intune train --agent dqn)",
+    "maskable-ppo": "sb3-contrib MaskablePPO (never picks an invalid move); needs a "
+                    "trained model",
+}
+
+
+def agent_descriptions() -> dict[str, str]:
+    """Agent name -> one line (built-in and registered agents), for ``intune agents``.
+
+    A registered agent's line is the first line of its factory's docstring, if any.
+    """
+    out: dict[str, str] = {}
+    for name in known_agents():
+        if name in _DESCRIPTIONS:
+            out[name] = _DESCRIPTIONS[name]
+        elif name in _NATIVE:  # added without a line here: the class docstring's first
+            module, attr, _ = _NATIVE[name]
+            try:
+                doc = inspect.getdoc(_import_class(name, module, attr)) or ""
+            except AgentUnavailableError as err:
+                doc = str(err)
+            out[name] = doc.splitlines()[0] if doc else f"{module}.{attr}"
+        else:
+            doc = inspect.getdoc(_EXTRA[name]) or ""
+            out[name] = doc.splitlines()[0] if doc else "registered at run time"
+    return out

@@ -8,13 +8,17 @@ Training (:func:`train_sb3`) follows rl-baselines3-zoo practice:
   the on-policy algorithms);
 - an ``EvalCallback`` scores the deterministic policy on a *separate* env (other seed,
   normalisation frozen) a few times during training and keeps the best model;
-- the result is saved in SB3's own formats: ``NAME.zip`` (the model),
-  ``NAME.vecnormalize.pkl`` (the ``VecNormalize`` statistics, when used) and a small
-  ``NAME.json`` (algorithm, scenario, seed, budget, hyperparameters, when the kept model
-  was found).
+- the training envs are, by default, one batched ``InTuneVectorEnv`` behind the
+  :class:`~intune_env.sb3_vecenv.SB3VecEnv` adapter (``vec_env="batched"``); sub-env
+  ``i`` is the single env seeded ``seed + i``, as in a ``DummyVecEnv`` of ``gym.make``
+  copies (``vec_env="dummy"``, kept for comparison and for custom wrappers);
+- the result is saved as ``NAME.zip`` (SB3's archive), ``NAME.vecnormalize.json`` (the
+  observation statistics, when used; JSON, never pickle) and ``NAME.json`` (what the model
+  was trained on: algorithm, scenario, stage names, observation/action shapes, budget,
+  hyperparameters); see :mod:`agents.sb3_files`, which loads them without unpickling.
 
-MaskablePPO (sb3-contrib) sees the env's invalid-action mask (``info["action_mask"]``,
-computed from ``env.unwrapped.sim``) so it never wastes a step on a move the env rejects.
+MaskablePPO (sb3-contrib) asks the env for ``action_masks()`` (the batched env and its
+adapter provide it), so it never wastes a step on a move the env rejects.
 
 :class:`SB3Agent` wraps a saved model as an :class:`agents.base.Agent`: ``act`` applies
 the saved normalisation statistics and returns ``model.predict(obs, deterministic=True)``.
@@ -23,8 +27,7 @@ the saved normalisation statistics and returns ``model.predict(obs, deterministi
 from __future__ import annotations
 
 import contextlib
-import json
-import os
+import io
 import pickle
 import tempfile
 import time
@@ -44,11 +47,32 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, VecNormalize
 
 import intune_env  # noqa: F401  (registers InTune-v0)
 from agents.base import Agent
+from agents.sb3_files import (
+    LEGACY_STATS_SUFFIX,
+    SIDECAR_VERSION,
+    ModelFileError,
+    ObsStats,
+    echo_path,
+    load_obs_stats,
+    model_paths,
+    read_json_file,
+    read_model_zip,
+    safe_custom_objects,
+    serialized_n,
+    serialized_shape,
+)
 from intune_env import common
+from simulators.fileio import (
+    InputFileError,
+    echo,
+    read_text_limited,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 #: The YAML file shipped with the package.
 HYPERPARAMS_PATH = Path(__file__).parent / "hyperparams" / "sb3.yaml"
@@ -82,9 +106,9 @@ def load_hyperparams(algo: str, path: str | Path | None = None) -> dict[str, Any
     algo = canonical_algo(algo)
     p = Path(path) if path is not None else HYPERPARAMS_PATH
     try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as err:
-        raise ValueError(f"{p}: cannot read hyperparameter file ({err.strerror})") from None
+        data = yaml.safe_load(read_text_limited(p, what="hyperparameter file"))
+    except InputFileError as err:
+        raise ValueError(str(err)) from None
     except yaml.YAMLError as err:
         raise ValueError(f"{p}: invalid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(data, dict) or not isinstance(data.get(algo), dict):
@@ -105,25 +129,48 @@ def _env_factory(scenario: Any, masked: bool, env_kwargs: dict[str, Any],
         if max_episode_steps is not None:
             kwargs["max_episode_steps"] = max_episode_steps
         env: gym.Env = gym.make("InTune-v0", scenario=scenario, **kwargs)
-        if masked:
+        # Only an env without its own action_masks() needs sb3-contrib's wrapper.
+        if masked and not hasattr(env.unwrapped, "action_masks"):
             env = ActionMasker(env, _mask_fn)
         return Monitor(env)
     return make
 
 
+#: Training env kinds of :func:`build_vec_env`.
+VEC_ENVS = ("batched", "dummy")
+
+
 def build_vec_env(scenario: Any, n_envs: int, seed: int, *, normalize: dict[str, Any] | None,
                   masked: bool = False, training: bool = True,
                   env_kwargs: dict[str, Any] | None = None,
-                  max_episode_steps: int | None = None) -> VecEnv:
-    """``n_envs`` monitored copies of InTune-v0 in a DummyVecEnv, seeded from ``seed``.
+                  max_episode_steps: int | None = None, vec_env: str = "batched") -> VecEnv:
+    """``n_envs`` copies of InTune-v0 as an SB3 ``VecEnv``, seeded ``seed + i``.
 
-    With ``normalize`` (``VecNormalize`` keyword arguments) the vector env is wrapped in
+    ``vec_env="batched"`` (default) steps all copies at once in one ``InTuneVectorEnv``
+    (:class:`~intune_env.sb3_vecenv.SB3VecEnv`, monitored by ``VecMonitor``);
+    ``"dummy"`` is SB3's ``DummyVecEnv`` of monitored ``gym.make`` envs. With
+    ``normalize`` (``VecNormalize`` keyword arguments) the vector env is wrapped in
     ``VecNormalize``; ``training=False`` freezes the statistics and returns raw rewards
     (for evaluation envs).
     """
-    fns = [_env_factory(scenario, masked, env_kwargs or {}, max_episode_steps)
-           for _ in range(n_envs)]
-    venv: VecEnv = DummyVecEnv(fns)
+    if vec_env not in VEC_ENVS:
+        raise ValueError(f"vec_env must be one of {', '.join(VEC_ENVS)}, got {echo(vec_env)}")
+    venv: VecEnv
+    if vec_env == "batched":
+        from gymnasium.vector import AutoresetMode
+
+        from intune_env.sb3_vecenv import SB3VecEnv
+        from intune_env.vector import InTuneVectorEnv
+
+        inner = InTuneVectorEnv(num_envs=n_envs, scenario=scenario,
+                                max_episode_steps=600 if max_episode_steps is None
+                                else max_episode_steps,
+                                autoreset_mode=AutoresetMode.SAME_STEP, **(env_kwargs or {}))
+        venv = VecMonitor(SB3VecEnv(inner))
+    else:
+        fns = [_env_factory(scenario, masked, env_kwargs or {}, max_episode_steps)
+               for _ in range(n_envs)]
+        venv = DummyVecEnv(fns)
     venv.seed(seed)
     if normalize:
         venv = VecNormalize(venv, training=training, **normalize)
@@ -135,18 +182,19 @@ def build_vec_env(scenario: Any, n_envs: int, seed: int, *, normalize: dict[str,
 class TqdmCallback(BaseCallback):
     """A tqdm progress bar over training timesteps (no dependency on rich)."""
 
-    def __init__(self, total: int, desc: str = "train") -> None:
+    def __init__(self, total: int, desc: str = "train", position: int | None = None,
+                 leave: bool = True) -> None:
         super().__init__()
         self.total, self.desc = total, desc
+        self.position, self.leave = position, leave
         self._bar: Any = None
 
     def _on_training_start(self) -> None:
         from tqdm.auto import tqdm
 
-        rollout = getattr(self.model, "n_steps", 0) * self.model.n_envs
-        if rollout:  # on-policy algorithms collect whole rollouts: the budget rounds up
-            self.total = -(-self.total // rollout) * rollout
-        self._bar = tqdm(total=self.total, desc=self.desc, unit="step", dynamic_ncols=True)
+        self.total = rounded_budget(self.model, self.total)
+        self._bar = tqdm(total=self.total, desc=self.desc, unit="step", dynamic_ncols=True,
+                         position=self.position, leave=self.leave)
 
     def _advance(self) -> None:
         done = self.model.num_timesteps
@@ -163,25 +211,59 @@ class TqdmCallback(BaseCallback):
         self._bar.close()
 
 
-class _SaveStatsOnBest(BaseCallback):
-    """Called by EvalCallback on a new best: keep the matching VecNormalize statistics."""
+class ProgressCallback(BaseCallback):
+    """Calls ``report(done, total)`` every ``every`` timesteps (compare's workers)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, total: int, report: Callable[[int, int], None], every: int = 2048) -> None:
         super().__init__()
-        self.path = path
+        self.total, self.report, self.every = total, report, max(1, every)
+        self._last = 0
+
+    def _on_training_start(self) -> None:
+        self.total = rounded_budget(self.model, self.total)
+
+    def _on_step(self) -> bool:
+        if self.model.num_timesteps - self._last >= self.every:
+            self._last = self.model.num_timesteps
+            self.report(self._last, self.total)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.report(self.model.num_timesteps, max(self.total, self.model.num_timesteps))
+
+
+def rounded_budget(model: BaseAlgorithm, total: int) -> int:
+    """Timesteps SB3 actually trains for a budget of ``total``: on-policy algorithms
+    collect whole rollouts of ``n_steps * n_envs``, so the budget rounds up to one."""
+    rollout = getattr(model, "n_steps", 0) * model.n_envs if hasattr(model, "rollout_buffer") \
+        else 0
+    return -(-total // rollout) * rollout if rollout else total
+
+
+class _SaveStatsOnBest(BaseCallback):
+    """Called by EvalCallback on a new best: keep the matching observation statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.best_step = -1
+        self.stats: ObsStats | None = None
 
     def _on_step(self) -> bool:
         self.best_step = int(self.model.num_timesteps)
         vn = self.model.get_vec_normalize_env()
-        if vn is not None:
-            vn.save(str(self.path))
+        self.stats = ObsStats.from_vec_normalize(vn) if vn is not None and vn.norm_obs \
+            else None
         return True
 
 
 @dataclass
 class TrainResult:
-    """Where a trained model went and how training went."""
+    """Where a trained model went and how training went.
+
+    ``n_timesteps`` is what SB3 actually trained (a whole number of rollouts for PPO and
+    A2C: ``train --steps 512`` with 4 envs x 512 steps trains 2048), ``requested`` the
+    budget asked for.
+    """
 
     model_path: Path
     algo: str
@@ -191,6 +273,7 @@ class TrainResult:
     kept: str  # "best_eval@STEP" or "final"
     best_eval_reward: float | None
     wall_s: float
+    requested: int = 0
 
 
 def _policy_kwargs(raw: Any) -> dict[str, Any] | None:
@@ -227,24 +310,28 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
               tensorboard_log: str | Path | None = None, progress_bar: bool = False,
               env_kwargs: dict[str, Any] | None = None,
               max_episode_steps: int | None = None, num_threads: int | None = 1,
-              verbose: int = 0) -> TrainResult:
+              verbose: int = 0, vec_env: str = "batched",
+              callback: BaseCallback | None = None) -> TrainResult:
     """Train ``algo`` on ``scenario`` and save it as ``out`` (a ``.zip`` path).
 
     ``n_timesteps`` overrides the YAML budget and ``overrides`` any other YAML key. The
     training envs are seeded from ``1000 * seed + 1``, the evaluation env from
     ``1000 * seed + 501``, so neither replays the noise of the evaluation episode
-    ``reset(seed=seed)`` that ``intune compare`` scores. ``env_kwargs`` go to ``gym.make``
+    ``reset(seed=seed)`` that ``intune compare`` scores. ``env_kwargs`` go to the env
     (reward weights, scenario overrides) and ``max_episode_steps`` replaces the 600-step
     limit (short episodes for tests). ``num_threads`` sets torch's
     intra-op threads (1 is fastest for these small networks and shares a small machine
-    well; ``None`` leaves torch's setting alone).
+    well; ``None`` leaves torch's setting alone). ``vec_env`` picks the training env kind
+    (:func:`build_vec_env`); ``callback`` is an extra SB3 callback (progress reports).
     """
+    from simulators import load_scenario
+
     algo = canonical_algo(algo)
     hp = load_hyperparams(algo, hyperparams_path)
     hp.update(overrides or {})
-    total = int(n_timesteps if n_timesteps is not None else hp["n_timesteps"])
-    if total < 1:
-        raise ValueError(f"n_timesteps must be at least 1, got {total}")
+    requested = int(n_timesteps if n_timesteps is not None else hp["n_timesteps"])
+    if requested < 1:
+        raise ValueError(f"n_timesteps must be at least 1, got {requested}")
     n_envs = int(hp.get("n_envs", 1))
     normalize = _normalize_kwargs(hp.get("normalize"))
     masked = algo == "maskable_ppo"
@@ -256,55 +343,72 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
     if num_threads is not None:
         torch.set_num_threads(num_threads)
 
-    out = Path(out)
-    if out.suffix != ".zip":
-        out = out.with_suffix(".zip")
+    out = model_paths(out)[0]
+    if out.is_dir():
+        raise ModelFileError(f"{echo(str(out))}: is a folder; expected a model file path")
     out.parent.mkdir(parents=True, exist_ok=True)
+    sc = load_scenario(scenario)
     start = time.perf_counter()
-    train_env = build_vec_env(scenario, n_envs, 1000 * seed + 1, normalize=normalize,
+    train_env = build_vec_env(sc, n_envs, 1000 * seed + 1, normalize=normalize,
                               masked=masked, env_kwargs=env_kwargs,
-                              max_episode_steps=max_episode_steps)
-    eval_env = build_vec_env(scenario, 1, 1000 * seed + 501, normalize=normalize,
+                              max_episode_steps=max_episode_steps, vec_env=vec_env)
+    eval_env = build_vec_env(sc, 1, 1000 * seed + 501, normalize=normalize,
                              masked=masked, training=False, env_kwargs=env_kwargs,
-                             max_episode_steps=max_episode_steps)
+                             max_episode_steps=max_episode_steps, vec_env=vec_env)
     model = ALGOS[algo](hp.get("policy", "MlpPolicy"), train_env, seed=seed, device="cpu",
                         verbose=verbose,
                         tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
                         **kwargs)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as tmp:
         tmpd = Path(tmp)
-        on_best = _SaveStatsOnBest(tmpd / "best_model.vecnormalize.pkl")
+        on_best = _SaveStatsOnBest()
         eval_cls = MaskableEvalCallback if masked else EvalCallback
         eval_cb = eval_cls(eval_env, callback_on_new_best=on_best,
                            n_eval_episodes=n_eval_episodes,
-                           eval_freq=max(total // (n_evals * n_envs), 1),
+                           eval_freq=max(requested // (n_evals * n_envs), 1),
                            best_model_save_path=str(tmpd), deterministic=True, verbose=0,
                            warn=False)
         callbacks: list[BaseCallback] = [eval_cb]
         if progress_bar:
-            callbacks.append(TqdmCallback(total, desc=f"{algo} {scenario_label(scenario)}"))
-        model.learn(total_timesteps=total, callback=CallbackList(callbacks),
+            callbacks.append(TqdmCallback(requested, desc=f"{algo} {sc.name}"))
+        if callback is not None:
+            callbacks.append(callback)
+        model.learn(total_timesteps=requested, callback=CallbackList(callbacks),
                     tb_log_name=f"{algo}_seed{seed}")
+        trained = int(model.num_timesteps)
         # Score the final policy too; keep whichever scored best on the eval env.
         final_reward = _evaluate(model, eval_env, train_env, n_eval_episodes, masked)
         best = eval_cb.best_mean_reward if on_best.best_step >= 0 else -np.inf
+        final_vn = model.get_vec_normalize_env()
         if best > final_reward and (tmpd / "best_model.zip").exists():
             kept, kept_reward = f"best_eval@{on_best.best_step}", float(best)
-            model = ALGOS[algo].load(tmpd / "best_model.zip", device="cpu")
-            stats = tmpd / "best_model.vecnormalize.pkl"
-            vn = _load_stats(stats) if stats.exists() else None
+            # weights only (torch.load(weights_only=True)): nothing is unpickled
+            model.set_parameters(str(tmpd / "best_model.zip"), exact_match=True, device="cpu")
+            stats = on_best.stats
         else:
             kept, kept_reward = "final", float(final_reward)
-            vn = model.get_vec_normalize_env()
-        agent = SB3Agent(model, algo, obs_stats=vn)
-        meta = {"algo": algo, "scenario": scenario_label(scenario), "seed": seed,
-                "n_timesteps": total, "kept": kept, "eval_reward": kept_reward,
-                "hyperparams": hp}
+            stats = ObsStats.from_vec_normalize(final_vn) \
+                if final_vn is not None and final_vn.norm_obs else None
+        agent = SB3Agent(model, algo, obs_stats=stats)
+        meta = {"algo": algo, **scenario_meta(sc, model), "seed": seed,
+                "n_timesteps": trained, "requested_timesteps": requested, "kept": kept,
+                "eval_reward": kept_reward, "hyperparams": hp, "vec_env": vec_env}
         agent.save(out, meta=meta)
     train_env.close()
     eval_env.close()
-    return TrainResult(out, algo, meta["scenario"], seed, total, kept, kept_reward,
-                       time.perf_counter() - start)
+    return TrainResult(out, algo, sc.name, seed, trained, kept, kept_reward,
+                       time.perf_counter() - start, requested)
+
+
+def scenario_meta(scenario: Any, model: BaseAlgorithm | None = None) -> dict[str, Any]:
+    """What the sidecar records about the scenario (and the model's spaces)."""
+    meta: dict[str, Any] = {"scenario": scenario.name,
+                            "stage_names": list(scenario.stage_names),
+                            "n_stages": len(scenario.stage_names)}
+    if model is not None:
+        meta["observation_shape"] = list(model.observation_space.shape)
+        meta["n_actions"] = int(model.action_space.n)
+    return meta
 
 
 def _evaluate(model: BaseAlgorithm, eval_env: VecEnv, train_env: VecEnv, n: int,
@@ -321,34 +425,49 @@ def _evaluate(model: BaseAlgorithm, eval_env: VecEnv, train_env: VecEnv, n: int,
     return float(mean)
 
 
-class _SpacesOnly(gym.Env):
-    """Carries the spaces of saved VecNormalize statistics; never stepped."""
-
-    def __init__(self, observation_space: gym.Space) -> None:
-        self.observation_space = observation_space
-        self.action_space = gym.spaces.Discrete(1)
-
-
-def _load_stats(path: Path) -> VecNormalize:
-    with open(path, "rb") as fh:
-        vn = pickle.load(fh)  # SB3's own format (VecNormalize.save), trusted local file
-    space = vn.observation_space
-    vn.set_venv(DummyVecEnv([lambda: _SpacesOnly(space)]))  # restores what save() needs
-    vn.training = False
-    return vn
-
-
 def sidecar_paths(model_path: str | Path) -> tuple[Path, Path, Path]:
-    """(model ``.zip``, ``.vecnormalize.pkl``, ``.json``) paths of a saved model."""
-    p = Path(model_path)
-    stem = p.with_suffix("") if p.suffix == ".zip" else p
-    return (stem.with_suffix(".zip"), Path(f"{stem}.vecnormalize.pkl"), Path(f"{stem}.json"))
+    """(model ``.zip``, ``.vecnormalize.json``, ``.json``) paths of a saved model."""
+    return model_paths(model_path)
+
+
+def _stage_text(names: Any) -> str:
+    if isinstance(names, list) and names:
+        return f" ({echo(', '.join(str(n) for n in names), 60)})"
+    return ""
+
+
+def check_model_fits(where: str, meta: dict[str, Any], data: dict[str, Any],
+                     env: gym.Env) -> None:
+    """Refuse (one line) a model whose observation/action layout is not ``env``'s."""
+    obs_shape = tuple(meta.get("observation_shape") or serialized_shape(data,
+                                                                        "observation_space")
+                      or ())
+    n_actions = meta.get("n_actions") or serialized_n(data)
+    env_obs = tuple(env.observation_space.shape or ())
+    env_n = int(getattr(env.action_space, "n", 0))
+    if (not obs_shape or obs_shape == env_obs) and (not n_actions or n_actions == env_n):
+        return
+    inner = env.unwrapped
+    sc = getattr(inner, "scenario", None)
+    env_names = list(getattr(sc, "stage_names", []) or [])
+    m = len(env_names) if env_names else (env_n - 1) // 2
+    n = meta.get("n_stages") or ((int(n_actions) - 1) // 2 if n_actions else None)
+    trained_on = f" of {echo(str(meta['scenario']), 40)}" if meta.get("scenario") else ""
+    sc_name = echo(getattr(sc, "name", "?"), 40)
+    if n is not None and n != m:
+        raise ModelFileError(
+            f"{where}: model trained on {n} stages{_stage_text(meta.get('stage_names'))}"
+            f"{trained_on}, scenario {sc_name} has {m} stages"
+            f"{_stage_text(env_names)}")
+    raise ModelFileError(f"{where}: model takes observations of shape {obs_shape} and "
+                         f"{n_actions} actions; scenario {sc_name} gives {env_obs} and "
+                         f"{env_n}")
 
 
 class SB3Agent(Agent):
     """A trained SB3 policy as an :class:`Agent` (deterministic actions, frozen stats)."""
 
-    def __init__(self, model: BaseAlgorithm, algo: str, obs_stats: VecNormalize | None = None,
+    def __init__(self, model: BaseAlgorithm, algo: str, obs_stats: ObsStats | None = None,
                  meta: dict[str, Any] | None = None) -> None:
         self.model = model
         self.algo = canonical_algo(algo)
@@ -358,9 +477,9 @@ class SB3Agent(Agent):
         self.masked = self.algo == "maskable_ppo"
 
     def _normalise(self, obs: np.ndarray) -> np.ndarray:
-        if self.obs_stats is None or not self.obs_stats.norm_obs:
+        if self.obs_stats is None:
             return obs
-        return self.obs_stats.normalize_obs(np.asarray(obs, dtype=np.float32)).astype(np.float32)
+        return self.obs_stats.normalize(obs)
 
     def act(self, obs: np.ndarray, info: dict[str, Any]) -> int:
         o = self._normalise(obs)
@@ -372,51 +491,88 @@ class SB3Agent(Agent):
         return int(action)
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-        """Write ``PATH.zip`` (+ ``.vecnormalize.pkl``, ``.json``) atomically; return the zip."""
-        zpath, spath, mpath = sidecar_paths(path)
+        """Write ``PATH.zip`` (+ ``.vecnormalize.json``, ``.json``) atomically; return the
+        zip. The zip is written last: its presence marks a complete model."""
+        zpath, spath, mpath = model_paths(path)
         zpath.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**self.meta, **(meta or {}), "algo": self.algo,
-                "normalized": self.obs_stats is not None}
-        tmp = zpath.parent / f".{zpath.stem}.{os.getpid()}.tmp.zip"
-        self.model.save(tmp)
+        meta = {**self.meta, **(meta or {}), "format_version": SIDECAR_VERSION,
+                "algo": self.algo, "normalized": self.obs_stats is not None,
+                "observation_shape": list(self.model.observation_space.shape),
+                "n_actions": int(self.model.action_space.n)}
+        buf = io.BytesIO()
+        self.model.save(buf)
         if self.obs_stats is not None:
-            stmp = spath.parent / f".{spath.name}.{os.getpid()}.tmp"
-            self.obs_stats.save(str(stmp))
-            os.replace(stmp, spath)
+            write_json_atomic(spath, self.obs_stats.to_dict())
         else:
             with contextlib.suppress(FileNotFoundError):
                 spath.unlink()
-        _write_atomic(mpath, json.dumps(meta, indent=2, default=str))
-        os.replace(tmp, zpath)  # last: the zip's presence marks a complete model
+        with contextlib.suppress(FileNotFoundError):  # a stale pickle must not linger
+            Path(f"{zpath.with_suffix('')}{LEGACY_STATS_SUFFIX}").unlink()
+        write_json_atomic(mpath, meta, indent=2)
+        write_bytes_atomic(zpath, buf.getvalue())
         self.meta = meta
         return zpath
 
     @classmethod
-    def load(cls, path: str | Path, algo: str | None = None) -> SB3Agent:
-        """Load a model saved by :meth:`save` or :func:`train_sb3` (or any SB3 zip + algo)."""
-        zpath, spath, mpath = sidecar_paths(path)
+    def load(cls, path: str | Path, algo: str | None = None, *, trust_model: bool = False,
+             env: gym.Env | None = None) -> SB3Agent:
+        """Load a model saved by :meth:`save` or :func:`train_sb3` (or any SB3 zip + algo).
+
+        Nothing is unpickled unless ``trust_model`` (see :mod:`agents.sb3_files`). With
+        ``env`` the model's observation and action layout must match it (else a
+        :class:`ModelFileError` naming both stage counts). Every fault in the files is a
+        :class:`ModelFileError` with one line.
+        """
+        zpath, spath, mpath = model_paths(path)
+        where = echo_path(zpath)
         if not zpath.exists():
-            raise FileNotFoundError(f"{zpath}: no such model file")
-        meta = json.loads(mpath.read_text()) if mpath.exists() else {}
+            raise ModelFileError(f"{where}: no such model file")
+        meta: dict[str, Any] = {}
+        if mpath.exists():
+            raw_meta = read_json_file(mpath, "model sidecar")
+            if not isinstance(raw_meta, dict):
+                raise ModelFileError(f"{echo_path(mpath)}: model sidecar must be a JSON "
+                                     f"object, got {type(raw_meta).__name__}")
+            meta = raw_meta
         saved_algo = meta.get("algo")
-        if algo is not None and saved_algo is not None and \
-                canonical_algo(algo) != canonical_algo(saved_algo):
-            raise ValueError(f"{zpath}: model was trained with {saved_algo}, not {algo}")
-        if saved_algo is None and algo is None:
-            raise ValueError(f"{zpath}: no {mpath.name} next to it; say which algorithm "
-                             f"trained it (ppo, a2c, dqn, maskable-ppo)")
-        chosen = canonical_algo(saved_algo or algo or "")
-        model = ALGOS[chosen].load(zpath, device="cpu")
-        stats = _load_stats(spath) if spath.exists() else None
+        if saved_algo is not None and not isinstance(saved_algo, str):
+            raise ModelFileError(f"{echo_path(mpath)}: field 'algo' must be a string")
+        try:
+            if algo is not None and saved_algo is not None and \
+                    canonical_algo(algo) != canonical_algo(saved_algo):
+                raise ModelFileError(f"{where}: model was trained with {echo(saved_algo)}, "
+                                     f"not {echo(algo)}")
+            if saved_algo is None and algo is None:
+                raise ModelFileError(f"{where}: no {mpath.name} next to it; say which "
+                                     f"algorithm trained it (ppo, a2c, dqn, maskable-ppo)")
+            chosen = canonical_algo(saved_algo or algo or "")
+        except ModelFileError:
+            raise
+        except ValueError as err:
+            raise ModelFileError(f"{echo_path(mpath)}: {err}") from None
+        raw, data = read_model_zip(zpath)
+        if env is not None:
+            check_model_fits(where, meta, data, env)
+        spaces = (env.observation_space, env.action_space) if env is not None else None
+        custom = None if trust_model else safe_custom_objects(data, ALGOS[chosen], spaces,
+                                                              where)
+        try:
+            model = ALGOS[chosen].load(io.BytesIO(raw), device="cpu", custom_objects=custom)
+        except pickle.UnpicklingError:
+            raise ModelFileError(f"{where}: the weights hold objects other than tensors; "
+                                 f"refused (torch.load weights_only)") from None
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                AssertionError, OSError) as err:
+            raise ModelFileError(f"{where}: cannot load the model ({type(err).__name__}: "
+                                 f"{echo(str(err).splitlines()[0] if str(err) else '')})") \
+                from None
+        n_obs = int(np.prod(model.observation_space.shape))
+        normalized = meta.get("normalized")
+        legacy = Path(f"{zpath.with_suffix('')}{LEGACY_STATS_SUFFIX}")
+        stats = None
+        if normalized or (normalized is None and (spath.exists() or legacy.exists())):
+            stats = load_obs_stats(spath, legacy, trust_model, n_obs)
         return cls(model, chosen, obs_stats=stats, meta=meta)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def result_dict(result: TrainResult) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def main() -> None:
         print(f"training wall time {agent}: {sum(ts) / len(ts):.0f} s per model")
     print()
     print((res.out / "summary.md").read_text())
+    print(res.summary_line())
 
 
 if __name__ == "__main__":

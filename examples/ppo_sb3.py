@@ -1,8 +1,11 @@
 """Train PPO (Stable-Baselines3) on InTune-v0, save it, load it back and evaluate it.
 
 The hyperparameters come from ``agents/hyperparams/sb3.yaml``; observations and returns
-are normalised with ``VecNormalize``, an ``EvalCallback`` scores the policy on a separate
-env and the best model is kept. 50,000 steps take about a minute on one core; the
+are normalised with ``VecNormalize``, the 4 training envs run as one batched
+``InTuneVectorEnv``, an ``EvalCallback`` scores the policy on a separate env and the best
+model is kept. The model folder holds ``ppo.zip``, ``ppo.json`` (what it was trained on)
+and ``ppo.vecnormalize.json`` (the observation statistics); loading it unpickles nothing.
+50,000 steps take about a minute on one core; the
 benchmark budget is 200,000 (``benchmarks/sb3_baselines.py``).
 
 Run: python examples/ppo_sb3.py [STEPS]
@@ -32,7 +35,8 @@ with tempfile.TemporaryDirectory() as tmp:
     result = train_sb3("ppo", SCENARIO, Path(tmp) / "ppo.zip", seed=0, n_timesteps=steps,
                        progress_bar=True)
     print(f"trained {result.n_timesteps:,} steps in {result.wall_s:.0f} s, "
-          f"kept {result.kept}; saved as {result.model_path.name} (+ VecNormalize stats)")
+          f"kept {result.kept}; saved as {result.model_path.name} (+ .json sidecar and "
+          f"observation statistics)")
 
     for name in ("ppo", "even", "oracle"):
         env = gym.make("InTune-v0", scenario=SCENARIO)

@@ -184,11 +184,19 @@ def test_sb3_model_trained_once_and_cached(tmp_path: Path) -> None:
           "hyperparams_path": hp}
     first = run_compare("machine-resize", "a2c", 1, out, **kw)
     assert not first.failed, first.failed
-    model = out / "models" / "machine-resize" / "a2c" / "seed0.zip"
-    assert model.exists() and float(first.rows[0]["train_wall_s"]) > 0
+    models = list((out / "models" / "machine-resize" / "a2c").glob("seed0-*.zip"))
+    assert len(models) == 1 and float(first.rows[0]["train_wall_s"]) > 0
+    model = models[0]
     stamp = model.stat().st_mtime_ns
     (out / "runs" / "machine-resize__a2c__seed0.json").unlink()
     second = run_compare("machine-resize", "a2c", 1, out, **kw)
     assert second.ran == ["machine-resize__a2c__seed0"]
     assert model.stat().st_mtime_ns == stamp and second.rows[0]["train_wall_s"] == 0.0
     assert second.rows[0]["final_fraction"] == first.rows[0]["final_fraction"]
+    # a different budget is a different model: trained anew, the old one is not reused
+    hp.write_text(hp.read_text().replace("compare_n_timesteps: 64", "compare_n_timesteps: 80"))
+    third = run_compare("machine-resize", "a2c", 1, out, **kw)
+    assert third.ran == ["machine-resize__a2c__seed0"] and "settings changed" in \
+        third.rerun["machine-resize__a2c__seed0"]
+    assert float(third.rows[0]["train_wall_s"]) > 0
+    assert len(list(model.parent.glob("seed0-*.zip"))) == 2

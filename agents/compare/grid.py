@@ -1,0 +1,315 @@
+"""The grid of runs: what one run is, its fingerprint, planning, and honest resumes.
+
+A run is keyed twice:
+
+- its *key* ``<scenario>__<agent>__seed<k>`` names its result file
+  ``OUT/runs/<key>.json`` (a readable, stable name; names that are not safe file names
+  are sanitised and given a short hash so two names never share a file);
+- its *fingerprint* is a hash of everything that determines the result: the validated
+  scenario content, the duration, the agent and its options (a registered factory's
+  import path, a given model's bytes, the pretrained Q-table's bytes), the seed, the
+  SB3 budget and hyperparameters, and the package version. A result file is reused only
+  if it parses, validates and carries the same fingerprint; otherwise the run is rerun
+  and the reason is said.
+
+SB3 models a run trains are cached under ``OUT/models/<scenario>/<agent>/`` in a file
+named by the fingerprint of their training inputs, so a changed budget or scenario
+trains a new model rather than reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agents import registry
+from agents.sb3_files import echo_path
+from simulators import builtin_scenarios, load_scenario
+from simulators.fileio import InputFileError, contained, echo, read_text_limited
+
+#: Version of the run-file layout; part of every fingerprint.
+RUN_FORMAT = 2
+#: Cap on a run result file read back (a 2400 s trace is ~200 KB).
+MAX_RUN_BYTES = 64 << 20
+
+#: Columns of ``runs.csv``, in order.
+RUN_COLUMNS: tuple[str, ...] = (
+    "scenario", "agent", "seed", "final_fraction", "mean_fraction", "oom", "time_to_90_s",
+    "mean_memory_fraction", "wall_s", "train_wall_s", "steps", "invalid_actions",
+    "final_throughput", "mean_throughput",
+)
+_NUMERIC = ("final_fraction", "mean_fraction", "mean_memory_fraction", "wall_s",
+            "train_wall_s", "final_throughput", "mean_throughput")
+
+
+class CompareError(ValueError):
+    """A user's fault in the grid (unknown agent, bad scenario, unwritable folder)."""
+
+
+def package_version() -> str:
+    """The installed intune version (part of every fingerprint)."""
+    try:
+        from importlib.metadata import version
+
+        return version("intune")
+    except Exception:  # not installed: a source checkout
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker process needs for one run (picklable)."""
+
+    scenario: str  # label (the scenario's name)
+    scenario_data: dict[str, Any]  # the validated scenario as a plain dict
+    agent: str
+    seed: int
+    duration_s: float
+    model_path: str | None = None  # SB3: model to load, or where to cache a trained one
+    train_steps: int | None = None  # SB3: train first if model_path does not exist
+    hyperparams_path: str | None = None
+    factory: Callable[..., Any] | None = None  # agents registered at run time
+    fingerprint: str = ""
+    trust_model: bool = False
+
+    @property
+    def key(self) -> str:
+        return run_key(self.scenario, self.agent, self.seed)
+
+
+def _safe(s: str, limit: int = 64) -> str:
+    """A file-name-safe form of ``s``; a short hash is added when it had to change."""
+    clean = re.sub(r"[^A-Za-z0-9_.\-]", "_", s)[:limit].lstrip(".") or "_"
+    if clean != s:
+        clean += "-" + hashlib.sha256(s.encode()).hexdigest()[:8]
+    return clean
+
+
+def run_key(scenario: str, agent: str, seed: int) -> str:
+    """File stem of a run's result: ``<scenario>__<agent>__seed<k>`` (sanitised)."""
+    return f"{_safe(scenario)}__{_safe(agent)}__seed{int(seed)}"
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """SHA-256 of canonical JSON (sorted keys): equal inputs, equal fingerprints."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pretrained_digest() -> str:
+    """Digest of the pretrained Q-table ``qlearning`` starts from (regenerated tables
+    change results without changing the package version)."""
+    path = Path(__file__).resolve().parents[1] / "pretrained" / "qtable.json"
+    return _file_digest(path) if path.exists() else "-"
+
+
+def _model_digest(zpath: Path) -> str:
+    """Digest of a given model: the zip and the sidecars next to it."""
+    from agents.sb3_files import model_paths
+
+    parts = []
+    for p in model_paths(zpath):
+        parts.append(_file_digest(p) if p.exists() else "-")
+    return ":".join(parts)
+
+
+def parse_list(text: str | Sequence[str]) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (lists pass through), empty items dropped."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return [s.strip() for s in items if s and s.strip()]
+
+
+def resolve_scenarios(names: str | Sequence[str]) -> dict[str, dict[str, Any]]:
+    """label -> scenario dict for built-in names, files or ``all`` (raises ScenarioError)."""
+    items = parse_list(names)
+    if not items:
+        raise CompareError("--scenarios: no scenario given; use names, YAML files or 'all'")
+    if items == ["all"]:
+        items = builtin_scenarios()
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        sc = load_scenario(item)
+        if sc.name in out and out[sc.name] != sc.to_dict():
+            raise CompareError(f"--scenarios: two different scenarios are named "
+                               f"{echo(sc.name)!r} ({echo(item)}); give them different "
+                               f"'name' fields")
+        out[sc.name] = sc.to_dict()
+    return out
+
+
+def _model_for(agent: str, scenario: str, seed: int, out: Path,
+               models_dir: Path | None, train_fp: str) -> tuple[str, bool]:
+    """(model path, whether the run may train it) for an SB3 agent.
+
+    Every path built from a scenario or agent name goes through ``fileio.contained``: a
+    name like ``../../x`` can neither write outside ``--out`` nor read outside ``--models``.
+    """
+    try:
+        if models_dir is not None:
+            rels = [(_safe(scenario), _safe(agent), f"seed{seed}.zip"),
+                    (_safe(scenario), f"{_safe(agent)}.zip"), (f"{_safe(agent)}.zip",)]
+            for rel in rels:
+                cand = contained(models_dir, *rel)
+                if cand.exists():
+                    return str(cand), False
+            raise CompareError(
+                f"--models {echo_path(models_dir)}: no model for {echo(agent)} on "
+                f"{echo(scenario)} seed {seed} (looked for "
+                f"{', '.join('/'.join(r) for r in rels)})")
+        path = contained(out, "models", _safe(scenario), _safe(agent),
+                         f"seed{seed}-{train_fp[:16]}.zip")
+    except ValueError as err:
+        if isinstance(err, CompareError):
+            raise
+        raise CompareError(str(err)) from None
+    return str(path), True
+
+
+def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds: Sequence[int],
+              out: Path, duration_s: float, models_dir: Path | None = None,
+              sb3_steps: int | None = None, hyperparams_path: str | None = None,
+              trust_model: bool = False) -> list[RunSpec]:
+    """All runs of the grid, in (scenario, agent, seed) order, each with its fingerprint."""
+    specs: list[RunSpec] = []
+    budgets: dict[str, int] = {}
+    hparams: dict[str, dict[str, Any]] = {}
+    version = package_version()
+    for agent in agents:
+        if agent in registry.SB3_AGENTS:
+            from agents.sb3_agents import load_hyperparams
+
+            hp = load_hyperparams(registry.SB3_AGENTS[agent], hyperparams_path)
+            hparams[agent] = hp
+            budgets[agent] = int(hp.get("compare_n_timesteps", hp["n_timesteps"]))
+    for sc_name, data in scenarios.items():
+        for agent in agents:
+            factory = registry._EXTRA.get(agent)
+            agent_id: dict[str, Any] = {"name": agent}
+            if agent == "qlearning":  # starts from the shipped table: its content counts
+                agent_id["table"] = _pretrained_digest()
+            if factory is not None:
+                agent_id["factory"] = f"{getattr(factory, '__module__', '?')}." \
+                                      f"{getattr(factory, '__qualname__', repr(factory))}"
+            for seed in seeds:
+                model, train = None, None
+                if agent in registry.SB3_AGENTS:
+                    budget = sb3_steps if sb3_steps is not None else budgets[agent]
+                    train_fp = fingerprint({"scenario": data, "agent": agent, "seed": seed,
+                                            "steps": budget, "hyperparams": hparams[agent],
+                                            "version": version, "format": RUN_FORMAT})
+                    model, may_train = _model_for(agent, sc_name, seed, out, models_dir,
+                                                  train_fp)
+                    if may_train:
+                        train = budget
+                        agent_id = {**agent_id, "train_steps": budget,
+                                    "hyperparams": hparams[agent]}
+                    else:
+                        agent_id = {**agent_id, "model": _model_digest(Path(model))}
+                fp = fingerprint({"format": RUN_FORMAT, "version": version, "scenario": data,
+                                  "duration_s": float(duration_s), "agent": agent_id,
+                                  "seed": int(seed)})
+                specs.append(RunSpec(sc_name, data, agent, int(seed), float(duration_s),
+                                     model, train, hyperparams_path, factory, fp,
+                                     trust_model))
+    return specs
+
+
+# --- run files ------------------------------------------------------------------------
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_run(res: Any, spec: RunSpec) -> str | None:
+    """Why ``res`` (a parsed run file) cannot be reused for ``spec``, or ``None``."""
+    if not isinstance(res, dict):
+        return f"not a JSON object ({type(res).__name__})"
+    if res.get("fingerprint") != spec.fingerprint:
+        changed = [k for k, v in (("duration_s", spec.duration_s), ("seed", spec.seed),
+                                  ("agent", spec.agent), ("scenario", spec.scenario))
+                   if res.get(k) != v]
+        what = ", ".join(changed) if changed else "scenario content, agent options, " \
+                                                  "budget or package version"
+        return f"settings changed ({what})"
+    for k in (*_NUMERIC, "seed", "steps", "invalid_actions", "oom"):
+        if not _is_num(res.get(k)):
+            return f"field {k!r} missing or not a finite number"
+    t90 = res.get("time_to_90_s")
+    if t90 is not None and not _is_num(t90):
+        return "field 'time_to_90_s' must be a number or null"
+    trace = res.get("trace")
+    if not isinstance(trace, dict) or not all(
+            isinstance(trace.get(k), list) for k in ("time_s", "fraction", "allocation")):
+        return "field 'trace' missing or malformed"
+    return None
+
+
+def read_run(path: Path, spec: RunSpec) -> tuple[dict[str, Any] | None, str]:
+    """(result, "") if ``path`` holds a valid result of ``spec``; else (None, why)."""
+    if not path.exists():
+        return None, "missing"
+    try:
+        res = json.loads(read_text_limited(path, MAX_RUN_BYTES, "run result"))
+    except InputFileError as err:
+        return None, str(err)
+    except (json.JSONDecodeError, RecursionError):
+        return None, "result file does not parse (truncated or corrupted)"
+    why = validate_run(res, spec)
+    return (None, why) if why else (res, "")
+
+
+# --- the output folder ----------------------------------------------------------------
+def check_out_dir(out: Path) -> None:
+    """Create ``out`` and ``out/runs``; one line if it is a file or not writable."""
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {echo_path(out)}: is a file; expected a folder (it is "
+                           f"created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "runs").mkdir(exist_ok=True)
+        probe = out / "runs" / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CompareError(f"--out {echo_path(out)}: output folder is not writable "
+                           f"({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``OUT/.compare.lock`` (refused if another compare
+    holds it). The kernel drops the lock when the holder dies, however it dies."""
+    path = out / ".compare.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CompareError(f"--out {echo_path(out)}: another intune compare (pid "
+                               f"{echo(holder, 12)}) is running on this folder; wait for "
+                               f"it or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
