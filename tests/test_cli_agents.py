@@ -96,7 +96,7 @@ def test_train_eval_ppo_with_tensorboard(tmp_path: Path) -> None:
                          "--seed", "1", "--out", str(out), "--hyperparams", str(hp),
                          "--tensorboard", "--no-progress"])
     assert res.exit_code == 0, (res.output, res.exception)
-    assert (out / "ppo.zip").exists() and (out / "ppo.vecnormalize.pkl").exists()
+    assert (out / "ppo.zip").exists() and (out / "ppo.vecnormalize.json").exists()
     assert any((out / "tb").rglob("events.out.tfevents*"))
     res = invoke(eval_cmd, ["--agent", "ppo", "--model", str(out / "ppo.zip"), "--scenario",
                             "machine-resize", "--episodes", "2", "--duration-s", "60"])

@@ -305,7 +305,7 @@ def test_unknown_kind_names_kind_and_plugin_route(tmp_path: Path) -> None:
 def test_cli_show_one_line_exit_2_for_fifo(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.yaml"
     os.mkfifo(fifo)
-    proc = subprocess.run([sys.executable, "-m", "intune_env.cli", "scenarios", "show",
+    proc = subprocess.run([sys.executable, "-m", "agents.cli", "scenarios", "show",
                            str(fifo)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

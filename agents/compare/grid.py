@@ -36,6 +36,7 @@ from agents import registry
 from agents.sb3_files import echo_path
 from simulators import builtin_scenarios, load_scenario
 from simulators.fileio import InputFileError, contained, echo, read_text_limited
+from simulators.generate import expand_suite
 
 #: Version of the run-file layout; part of every fingerprint.
 RUN_FORMAT = 2
@@ -138,12 +139,15 @@ def parse_list(text: str | Sequence[str]) -> list[str]:
 
 
 def resolve_scenarios(names: str | Sequence[str]) -> dict[str, dict[str, Any]]:
-    """label -> scenario dict for built-in names, files or ``all`` (raises ScenarioError)."""
+    """label -> scenario dict for built-in names, files, suites (``suite:test``) or ``all``
+    (raises ScenarioError)."""
     items = parse_list(names)
     if not items:
         raise CompareError("--scenarios: no scenario given; use names, YAML files or 'all'")
     if items == ["all"]:
         items = builtin_scenarios()
+    # a named suite (``suite:test``) stands for its members (``suite:test:0017`` ...)
+    items = [m for item in items for m in (expand_suite(item) or [item])]
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         sc = load_scenario(item)
