@@ -116,7 +116,9 @@ class InTuneVectorEnv(VectorEnv):
         self.n_stages = n = single.n_stages
         self.stage_names = list(single.sim.stage_names)
         self.weights = single.weights
-        self.sim = sim = PipelineSim(single.scenario, num_envs=N)
+        # per-stage outputs only feed the "all" info: skipping them saves ~25 stores a sub-env
+        self.sim = sim = PipelineSim(single.scenario, num_envs=N,
+                                     diagnostics=info_keys == "all")
         sim.set_reward_weights(self.weights.throughput, self.weights.memory,
                                self.weights.oom_penalty)
         self.dt = sim.dt
