@@ -312,7 +312,12 @@ def step_parallel(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray,
     for e in range(num_envs):
         if control[e] == ACT and not 0 <= actions[e] <= 2 * n:
             return e
-    for t in prange((num_envs + CHUNK - 1) // CHUNK):
+    chunks = (num_envs + CHUNK - 1) // CHUNK
+    if chunks == 1:  # one task: no threads to start
+        advance(0, num_envs, actions, control, alloc, buffers, state, stage_out, stage_f, obs,
+                reward, mask, capacity, tables, cond_i, cond_f, max_cpus, params)
+        return -1
+    for t in prange(chunks):
         advance(t * CHUNK, min(num_envs, (t + 1) * CHUNK), actions, control, alloc, buffers,
                 state, stage_out, stage_f, obs, reward, mask, capacity, tables, cond_i, cond_f,
                 max_cpus, params)
