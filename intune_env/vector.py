@@ -41,8 +41,9 @@ the keys of :data:`INFO_KEYS` (``throughput``, ``oom``, ``oracle_throughput``,
 (``(N, 2n + 1)`` bool), a few microseconds per step at N = 1024. ``info_keys="all"``
 adds every other single-env key, batched (:data:`ALL_INFO_KEYS`; strings and tuples in
 object arrays): several times the cost of the kernel step at large N, since each key is
-a fresh array (see ``benchmarks/PROFILE.md``). :meth:`InTuneVectorEnv.action_masks`
-gives the masks without the info.
+a fresh array (see ``benchmarks/PROFILE.md``); only then does the kernel write its
+per-stage outputs (``simulators.kernel.DIAGNOSTICS``), which the default skips.
+:meth:`InTuneVectorEnv.action_masks` gives the masks without the info.
 """
 
 from __future__ import annotations

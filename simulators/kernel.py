@@ -181,8 +181,8 @@ def advance(lo: int, hi: int, actions: np.ndarray, control: np.ndarray, k: np.nd
     """One control interval of pipelines ``lo <= e < hi`` with ``control[e] != SKIP``
     (steps 1-6 of the module docstring; actions already checked): the dynamics, written
     once, called by both drivers, :func:`step` (all rows) and :func:`step_parallel` (one
-    chunk per task). A call, not ``inline="always"``: inlining a function holding loops
-    and inlined helpers into two drivers miscompiled (wrong allocations) and ran slower.
+    chunk per task). A plain call (its cost is paid once per call, not per pipeline), so
+    the loop and its scratch arrays exist once.
     """
     n = k.shape[1]
     n_cond = cond_i.shape[0]

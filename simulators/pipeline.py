@@ -358,6 +358,8 @@ class PipelineSim:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if len(self.params) < kernel.N_PARAMS:  # pickled before DIAGNOSTICS: it wrote them
+            self.params = np.append(self.params, np.ones(kernel.N_PARAMS - len(self.params)))
         self._bind()
 
 
