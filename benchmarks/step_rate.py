@@ -18,7 +18,10 @@ Rows:
 - batched: ``gym.make_vec(id, num_envs=N)`` for N in ``--num-envs`` (default 1, 16, 256,
   1024, 4096, 16384): Gymnasium's ``CartPoleVectorEnv`` and our ``InTuneVectorEnv``
   (both registered ``vector_entry_point``), and the creation time of each; the cost of
-  ``info_keys="all"``; for context ``SyncVectorEnv`` over single InTune envs;
+  ``info_keys="all"``; for context ``SyncVectorEnv`` over single InTune envs. Batched
+  rows use the default single-threaded kernel (``parallel=False``); ``--parallel`` adds
+  rows for ``parallel=True`` (numba threads, ``NUMBA_NUM_THREADS``) at the same sizes;
+- README: the batched curve again as a markdown table (N, steps/s of both, ratio);
 - SB3: PPO and A2C training throughput (``model.learn`` timesteps/s, rollouts and
   updates, torch on one thread) on the batched env through
   ``intune_env.sb3_vecenv.SB3VecEnv`` versus SB3's ``DummyVecEnv`` over single envs, same
@@ -145,7 +148,12 @@ def startup_rows() -> list[tuple[str, int, float, str]]:
              f"{warm:.2f} s (median of 3 fresh processes)")]
 
 
-def env_table(rounds: int, sizes: list[int]) -> list[tuple[str, int, float, str]]:
+Curve = list[tuple[int, float, float, float]]
+
+
+def env_table(rounds: int, sizes: list[int], parallel: bool = False,
+              curve: Curve | None = None) -> list[tuple[str, int, float, str]]:
+    """The env rows; the single-threaded batched curve is appended to ``curve``."""
     rows: list[tuple[str, int, float, str]] = []
     # single env, gym.make with default wrappers
     intune, cartpole = single_runner("InTune-v0"), single_runner("CartPole-v1")
@@ -164,6 +172,13 @@ def env_table(rounds: int, sizes: list[int]) -> list[tuple[str, int, float, str]
                  ("InTune-v0 (make_vec: InTuneVectorEnv)", num_envs, c, f"{ratio:.2f}"),
                  ("  make_vec('InTune-v0') creation", num_envs, float("nan"),
                   f"{create_s * 1000:.0f} ms")]
+        if curve is not None:
+            curve.append((num_envs, c, r, ratio))
+        if parallel:
+            vpar = vector_runner("InTune-v0", num_envs, parallel=True)
+            c, r, ratio = paired(vpar, vcp, chunk, chunk, num_envs, rounds)
+            rows.append((f"InTune-v0 make_vec parallel=True ({numba_threads()} thr)",
+                         num_envs, c, f"{ratio:.2f}"))
     vall = vector_runner("InTune-v0", 1024, info_keys="all")
     vdef = vector_runner("InTune-v0", 1024)
     c, r, ratio = paired(vall, vdef, 256, 256, 1024, max(3, rounds // 3))
@@ -176,6 +191,21 @@ def env_table(rounds: int, sizes: list[int]) -> list[tuple[str, int, float, str]
     rows.append(("InTune-v0 (make_vec sync: SyncVectorEnv)", sync_n, c2,
                  f"{ratio2:.2f} (vs CartPoleVectorEnv N={sync_n})"))
     return rows
+
+
+def numba_threads() -> int:
+    """Threads ``parallel=True`` runs on (numba's, bounded by ``NUMBA_NUM_THREADS``)."""
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def readme_table(curve: Curve) -> list[str]:
+    """The batched curve as the README's markdown table."""
+    lines = ["| num_envs | InTuneVectorEnv steps/s | CartPoleVectorEnv steps/s | ratio |",
+             "| ---: | ---: | ---: | ---: |"]
+    lines += [f"| {n} | {c:,.0f} | {r:,.0f} | {ratio:.2f} |" for n, c, r, ratio in curve]
+    return lines
 
 
 def sb3_table(timesteps: int, n_envs: int) -> list[tuple[str, str, int, float, str]]:
@@ -221,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-startup", action="store_true",
                     help="skip the cold/warm first-make subprocesses")
     ap.add_argument("--no-sb3", action="store_true", help="skip the SB3 training rates")
+    ap.add_argument("--parallel", action="store_true",
+                    help="also measure InTuneVectorEnv(parallel=True) at every size")
     ap.add_argument("--sb3-timesteps", type=int, default=32768)
     ap.add_argument("--sb3-envs", type=int, default=16)
     args = ap.parse_args(argv)
@@ -231,9 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"{'env':<46}{'num_envs':>9}{'steps/s':>14}  ratio to CartPole reference")
     rows = [] if args.no_startup else startup_rows()
-    for name, n, rate, ratio in rows + env_table(args.rounds, args.num_envs):
+    curve: Curve = []
+    for name, n, rate, ratio in rows + env_table(args.rounds, args.num_envs, args.parallel,
+                                                 curve):
         shown = "" if rate != rate else f"{rate:,.0f}"
         print(f"{name:<46}{n:>9}{shown:>14}  {ratio}")
+    print()
+    print("README (batched, single process, single-threaded kernel: parallel=False; "
+          f"median of {args.rounds} alternating rounds):")
+    print("\n".join(readme_table(curve)))
     if not args.no_sb3:
         print()
         print(f"{'algo':<6}{'vec env':<30}{'n_envs':>7}{'train steps/s':>15}  vs DummyVecEnv")

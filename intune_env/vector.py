@@ -25,6 +25,14 @@ ones, as ``SyncVectorEnv`` does in that mode.
 
 Observations are a fresh ``(N, 3n + 4)`` float32 array (C order) every step.
 
+Threads. ``parallel=True`` runs ``simulators.kernel.step_parallel``: chunks of sub-envs
+on numba's threads (at most ``NUMBA_NUM_THREADS``, by default the CPU count; lower it
+with ``numba.set_num_threads``), bit-identical to the default single-threaded kernel
+(``tests/test_vector.py``). It compiles on first use (seconds, then cached), pays a few
+microseconds of thread start-up per step and only helps with idle cores and large N;
+with process-based vectorisation (``AsyncVectorEnv``, ``SubprocVecEnv``) keep the default,
+since the processes already use the cores and numba's OpenMP layer is not fork-safe.
+
 Info (Gymnasium's vector convention: a dict of arrays, each with a ``_key`` boolean
 mask, all True since every sub-env reports every key every step; the masks are shared
 read-only arrays, the values fresh every step). By default (``info_keys="default"``)
@@ -33,8 +41,9 @@ the keys of :data:`INFO_KEYS` (``throughput``, ``oom``, ``oracle_throughput``,
 (``(N, 2n + 1)`` bool), a few microseconds per step at N = 1024. ``info_keys="all"``
 adds every other single-env key, batched (:data:`ALL_INFO_KEYS`; strings and tuples in
 object arrays): several times the cost of the kernel step at large N, since each key is
-a fresh array (see ``benchmarks/PROFILE.md``). :meth:`InTuneVectorEnv.action_masks`
-gives the masks without the info.
+a fresh array (see ``benchmarks/PROFILE.md``); only then does the kernel write its
+per-stage outputs (``simulators.kernel.DIAGNOSTICS``), which the default skips.
+:meth:`InTuneVectorEnv.action_masks` gives the masks without the info.
 """
 
 from __future__ import annotations
@@ -74,6 +83,8 @@ class InTuneVectorEnv(VectorEnv):
         render_mode: ``None`` only (no batched rendering).
         autoreset_mode: ``NEXT_STEP`` (default) or ``SAME_STEP`` (see the module docstring).
         info_keys: ``"default"`` or ``"all"`` (see the module docstring).
+        parallel: ``True`` steps the sub-envs on numba's threads (``kernel.step_parallel``;
+            see the module docstring); default ``False``, one thread.
         **config: the single env's configuration (reward weights, ``start_allocation``,
             scenario overrides), validated by the same code.
     """
@@ -83,7 +94,7 @@ class InTuneVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 1, scenario: Any = "dlrm-criteo",
                  max_episode_steps: int | None = 600, render_mode: str | None = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-                 info_keys: str = "default", **config: Any) -> None:
+                 info_keys: str = "default", parallel: bool = False, **config: Any) -> None:
         try:
             mode = AutoresetMode(autoreset_mode)
         except ValueError:
@@ -91,6 +102,8 @@ class InTuneVectorEnv(VectorEnv):
                              f"{autoreset_mode!r}") from None
         if mode is AutoresetMode.DISABLED:
             raise ValueError("autoreset_mode Disabled is not supported; use NextStep or SameStep")
+        if not isinstance(parallel, bool):
+            raise ValueError(f"parallel must be True or False, got {parallel!r}")
         if info_keys not in ("default", "all"):
             raise ValueError(f"info_keys must be 'default' or 'all', got {info_keys!r}")
         self.metadata = {**self.metadata, "autoreset_mode": mode}
@@ -116,7 +129,9 @@ class InTuneVectorEnv(VectorEnv):
         self.n_stages = n = single.n_stages
         self.stage_names = list(single.sim.stage_names)
         self.weights = single.weights
-        self.sim = sim = PipelineSim(single.scenario, num_envs=N)
+        # per-stage outputs only feed the "all" info: skipping them saves ~25 stores a sub-env
+        self.sim = sim = PipelineSim(single.scenario, num_envs=N,
+                                     diagnostics=info_keys == "all", parallel=parallel)
         sim.set_reward_weights(self.weights.throughput, self.weights.memory,
                                self.weights.oom_penalty)
         self.dt = sim.dt

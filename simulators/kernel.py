@@ -38,7 +38,7 @@ construction, whatever the other sub-envs do.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # --- observation bounds (``intune_env.common`` documents and re-exports them) -----------
 #: Machines are normalised by this many CPUs in the last observation feature.
@@ -69,9 +69,10 @@ WORKERS, BUFFERS, ELEMENT_BYTES = 0, 1, 2
 #: Columns of ``cond_i`` (int64, ``(C, 5)``) and ``cond_f`` (float64, ``(C, 2)``).
 CPUS, MEM_CAP, MEM_FIXED, GPU_CAP, FIRST_STEP = range(5)
 GPU_RATE, OVERHEAD = 0, 1
-#: Entries of ``params`` (float64).
-DT, NOISE_CV, W_THROUGHPUT, W_MEMORY, OOM_PENALTY = range(5)
-N_PARAMS = 5
+#: Entries of ``params`` (float64). ``DIAGNOSTICS`` non-zero: write ``stage_out``,
+#: ``stage_f`` and the ``BOTTLENECK`` column (info only; 0 skips ~25 stores per pipeline).
+DT, NOISE_CV, W_THROUGHPUT, W_MEMORY, OOM_PENALTY, DIAGNOSTICS = range(6)
+N_PARAMS = 6
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -172,33 +173,27 @@ def reward_value(throughput_fraction: float, memory_fraction: float, oom: bool,
 
 
 @njit(cache=True)
-def step(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray, buffers: np.ndarray,
-         state: np.ndarray, stage_out: np.ndarray, stage_f: np.ndarray, obs: np.ndarray,
-         reward: np.ndarray, mask: np.ndarray, capacity: np.ndarray, tables: np.ndarray,
-         cond_i: np.ndarray, cond_f: np.ndarray, max_cpus: np.ndarray,
-         params: np.ndarray) -> int:
-    """One control interval of every pipeline ``e`` with ``control[e] != SKIP``.
-
-    Per-pipeline arrays (updated in place): ``alloc``, ``buffers`` (``(N, n)``), ``state``
-    (:data:`N_STATE` columns), outputs ``stage_out``, ``stage_f``, ``obs``, ``reward``,
-    ``mask``. Model (read only): ``capacity[j, i, k]`` samples/s and ``tables[j, :, i, k]``
-    of stage ``i`` with ``k`` CPUs under conditions ``j``, ``cond_i``/``cond_f`` per
-    conditions, ``max_cpus`` and ``params``. Returns -1, or the index of the first
-    action outside ``0..2n`` (then nothing has changed).
+def advance(lo: int, hi: int, actions: np.ndarray, control: np.ndarray, k: np.ndarray,
+            b: np.ndarray, st: np.ndarray, stage_out: np.ndarray, stage_f: np.ndarray,
+            obs: np.ndarray, reward: np.ndarray, mask: np.ndarray, capacity: np.ndarray,
+            tables: np.ndarray, cond_i: np.ndarray, cond_f: np.ndarray, max_cpus: np.ndarray,
+            params: np.ndarray) -> None:
+    """One control interval of pipelines ``lo <= e < hi`` with ``control[e] != SKIP``
+    (steps 1-6 of the module docstring; actions already checked): the dynamics, written
+    once, called by both drivers, :func:`step` (all rows) and :func:`step_parallel` (one
+    chunk per task). A plain call (its cost is paid once per call, not per pipeline), so
+    the loop and its scratch arrays exist once.
     """
-    num_envs, n = alloc.shape
-    for e in range(num_envs):
-        if control[e] == ACT and not 0 <= actions[e] <= 2 * n:
-            return e
-    dt, spread = params[DT], params[NOISE_CV] * NOISE_SCALE
+    n = k.shape[1]
     n_cond = cond_i.shape[0]
+    dt, spread = params[DT], params[NOISE_CV] * NOISE_SCALE
+    diag = params[DIAGNOSTICS] != 0.0
     c = np.empty(n, np.int64)
     supply = np.empty(n, np.int64)
     util = np.empty(n)
     fill = np.empty(n)
     # Rows are indexed as [e, i], never taken as views (a view costs reference counting).
-    k, b, st = alloc, buffers, state
-    for e in range(num_envs):
+    for e in range(lo, hi):
         if control[e] == SKIP:
             continue
         j = st[e, COND]
@@ -246,13 +241,14 @@ def step(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray, buffers: n
             b[e, i] += p - nxt
             nxt = p
             mem += tables[j, WORKERS, i, k[e, i]] + b[e, i] * tables[j, ELEMENT_BYTES, i, 0]
-            stage_out[e, CAPACITY, i] = c[i]
-            stage_out[e, PROCESSED, i] = p
-            stage_out[e, BUFFER_CAP, i] = cap_b
             util[i] = u = p / c[i] if c[i] > 0 else 1.0  # a stage that can do nothing: busy
-            stage_f[e, UTILISATION, i] = u
-            stage_f[e, BUSY_S, i] = u * k[e, i] * dt
             fill[i] = b[e, i] / cap_b if cap_b > 0 else 1.0  # no room: always full
+            if diag:
+                stage_out[e, CAPACITY, i] = c[i]
+                stage_out[e, PROCESSED, i] = p
+                stage_out[e, BUFFER_CAP, i] = cap_b
+                stage_f[e, UTILISATION, i] = u
+                stage_f[e, BUSY_S, i] = u * k[e, i] * dt
         if mem > cond_i[j, MEM_CAP]:
             st[e, OOM] = 1
         st[e, STEPS] = steps + 1
@@ -260,7 +256,8 @@ def step(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray, buffers: n
         st[e, MEMORY] = mem
         st[e, SAMPLES_IN] += nxt
         st[e, SAMPLES_OUT] += g
-        st[e, BOTTLENECK] = -1 if cond_i[j, GPU_CAP] <= c[least] else least
+        if diag:
+            st[e, BOTTLENECK] = -1 if cond_i[j, GPU_CAP] <= c[least] else least
         # 6. what the agent sees
         m = mem / cond_i[j, MEM_CAP]
         t = (g / dt) / cond_f[j, GPU_RATE]
@@ -268,4 +265,60 @@ def step(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray, buffers: n
         reward[e] = 0.0 if control[e] == OBSERVE else reward_value(
             t, m, st[e, OOM] != 0, params[W_THROUGHPUT], params[W_MEMORY], params[OOM_PENALTY])
         write_action_mask(mask, e, k, max_cpus, cpus)
+
+
+@njit(cache=True)
+def step(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray, buffers: np.ndarray,
+         state: np.ndarray, stage_out: np.ndarray, stage_f: np.ndarray, obs: np.ndarray,
+         reward: np.ndarray, mask: np.ndarray, capacity: np.ndarray, tables: np.ndarray,
+         cond_i: np.ndarray, cond_f: np.ndarray, max_cpus: np.ndarray,
+         params: np.ndarray) -> int:
+    """One control interval of every pipeline ``e`` with ``control[e] != SKIP``.
+
+    Per-pipeline arrays (updated in place): ``alloc``, ``buffers`` (``(N, n)``), ``state``
+    (:data:`N_STATE` columns), outputs ``stage_out``, ``stage_f``, ``obs``, ``reward``,
+    ``mask``. Model (read only): ``capacity[j, i, k]`` samples/s and ``tables[j, :, i, k]``
+    of stage ``i`` with ``k`` CPUs under conditions ``j``, ``cond_i``/``cond_f`` per
+    conditions, ``max_cpus`` and ``params``. Returns -1, or the index of the first
+    action outside ``0..2n`` (then nothing has changed).
+    """
+    num_envs, n = alloc.shape
+    for e in range(num_envs):
+        if control[e] == ACT and not 0 <= actions[e] <= 2 * n:
+            return e
+    advance(0, num_envs, actions, control, alloc, buffers, state, stage_out, stage_f, obs,
+            reward, mask, capacity, tables, cond_i, cond_f, max_cpus, params)
+    return -1
+
+
+#: Pipelines per task of :func:`step_parallel` (each task has its own scratch arrays).
+CHUNK = 128
+
+
+@njit(cache=True, parallel=True)
+def step_parallel(actions: np.ndarray, control: np.ndarray, alloc: np.ndarray,
+                  buffers: np.ndarray, state: np.ndarray, stage_out: np.ndarray,
+                  stage_f: np.ndarray, obs: np.ndarray, reward: np.ndarray, mask: np.ndarray,
+                  capacity: np.ndarray, tables: np.ndarray, cond_i: np.ndarray,
+                  cond_f: np.ndarray, max_cpus: np.ndarray, params: np.ndarray) -> int:
+    """:func:`step` with chunks of :data:`CHUNK` pipelines spread over numba's threads
+    (``prange``; ``numba.set_num_threads`` / ``NUMBA_NUM_THREADS`` bound them).
+
+    Bit-identical to :func:`step`: pipelines share nothing (each writes only its own
+    rows; noise is a pure function of its counters) and the arithmetic is the same
+    :func:`advance`, without fastmath. Compiled on first use only.
+    """
+    num_envs, n = alloc.shape
+    for e in range(num_envs):
+        if control[e] == ACT and not 0 <= actions[e] <= 2 * n:
+            return e
+    chunks = (num_envs + CHUNK - 1) // CHUNK
+    if chunks == 1:  # one task: no threads to start
+        advance(0, num_envs, actions, control, alloc, buffers, state, stage_out, stage_f, obs,
+                reward, mask, capacity, tables, cond_i, cond_f, max_cpus, params)
+        return -1
+    for t in prange(chunks):
+        advance(t * CHUNK, min(num_envs, (t + 1) * CHUNK), actions, control, alloc, buffers,
+                state, stage_out, stage_f, obs, reward, mask, capacity, tables, cond_i, cond_f,
+                max_cpus, params)
     return -1

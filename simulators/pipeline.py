@@ -138,11 +138,17 @@ class PipelineSim:
         num_envs: copies.
         control_interval_s: simulated seconds per step (default: the scenario's).
         noise_cv: rate variation (default: the scenario's); 0 makes it deterministic.
+        diagnostics: whether each step writes the per-stage outputs (``stage_out``,
+            ``stage_f``: ``last_capacity``, ``utilisation()``...) and the bottleneck; without
+            them those stay at their last written values (the dynamics are the same).
+        parallel: step with :func:`kernel.step_parallel` (numba threads, compiled on first
+            use; bit-identical results) instead of the single-threaded :func:`kernel.step`.
     """
 
     def __init__(self, scenario: Scenario, num_envs: int = 1,
                  control_interval_s: float | None = None,
-                 noise_cv: float | None = None) -> None:
+                 noise_cv: float | None = None, diagnostics: bool = True,
+                 parallel: bool = False) -> None:
         self.scenario = scenario
         self.n = n = len(scenario.stages)
         self.num_envs = num_envs
@@ -151,10 +157,12 @@ class PipelineSim:
                         else scenario.control_interval_s)
         self.noise_cv = float(noise_cv if noise_cv is not None else scenario.noise_cv)
         self.max_cpus = tuple(s.max_cpus for s in scenario.stages)
+        self.parallel = parallel
         self._build_chain()
         self.params = np.zeros(kernel.N_PARAMS)
         self.params[kernel.DT] = self.dt
         self.params[kernel.NOISE_CV] = self.noise_cv
+        self.params[kernel.DIAGNOSTICS] = 1.0 if diagnostics else 0.0
         self.set_reward_weights(1.0, 0.0, 0.0)
         N = num_envs
         self.alloc = np.ones((N, n), dtype=np.int64)
@@ -176,7 +184,8 @@ class PipelineSim:
         self.args = (self.alloc, self.buf, self.state, self.stage_out, self.stage_f, self.obs,
                      self.reward, self.mask, self.capacity, self.tables, self.cond_i,
                      self.cond_f, self.max_cpus_array, self.params)
-        self.run = kernel_entry(self.actions, self._act, *self.args)
+        fn = kernel.step_parallel if self.__dict__.get("parallel") else kernel.step
+        self.run = kernel_entry(fn, self.actions, self._act, *self.args)
 
     def _build_chain(self) -> None:
         """Every conditions the events can produce (in time order), tabulated once."""
@@ -349,23 +358,27 @@ class PipelineSim:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if len(self.params) < kernel.N_PARAMS:  # pickled before DIAGNOSTICS: it wrote them
+            self.params = np.append(self.params, np.ones(kernel.N_PARAMS - len(self.params)))
         self._bind()
 
 
 _ENTRIES: dict[tuple[Any, ...], Any] = {}
 
 
-def kernel_entry(*args: Any) -> Any:
-    """The compiled :func:`kernel.step` for these argument types, without the dispatcher.
+def kernel_entry(fn: Any, *args: Any) -> Any:
+    """The compiled ``fn`` (:func:`kernel.step` or :func:`kernel.step_parallel`) for these
+    argument types, without the dispatcher.
 
     Calling numba's compiled entry point directly skips the per-call type resolution
     (about a third of a call's cost with one env); the arguments must keep these types.
     """
     from numba import typeof
 
-    key = tuple(typeof(a) for a in args)
+    sig = tuple(typeof(a) for a in args)
+    key = (fn.py_func.__name__, *sig)
     entry = _ENTRIES.get(key)
     if entry is None:
-        kernel.step.compile(key)
-        entry = _ENTRIES[key] = kernel.step.overloads[key].entry_point
+        fn.compile(sig)
+        entry = _ENTRIES[key] = fn.overloads[sig].entry_point
     return entry

@@ -273,3 +273,70 @@ def test_reset_options_and_an_oversubscribed_start_match_sync() -> None:
         r1, r2 = sync.step(act), ours.step(act)
         assert r1[0].tobytes() == np.ascontiguousarray(r2[0]).tobytes(), t
         assert r1[1].tobytes() == r2[1].tobytes(), t
+
+
+def _info_equal(a: dict[str, Any], b: dict[str, Any], where: str) -> None:
+    assert sorted(a) == sorted(b), where
+    for key in a:
+        if key in ("final_info",):
+            _info_equal(a[key], b[key], f"{where} final_info")
+        elif key == "final_obs":
+            assert all((x is None and y is None) or x.tobytes() == y.tobytes()
+                       for x, y in zip(a[key], b[key], strict=True)), f"{where}: {key}"
+        else:
+            assert a[key].dtype == b[key].dtype, f"{where}: {key} dtype"
+            assert np.array_equal(a[key], b[key]), f"{where}: {key}"
+
+
+def _lockstep(first: InTuneVectorEnv, second: InTuneVectorEnv, steps: int, seed: int,
+              compare_info: bool) -> int:
+    """Step both envs with the same actions, asserting byte-equal outputs; #episode ends."""
+    n_actions = int(first.single_action_space.n)
+    actions = np.random.default_rng(seed).integers(0, n_actions, (steps, first.num_envs))
+    o1, i1 = first.reset(seed=seed)
+    o2, i2 = second.reset(seed=seed)
+    assert o1.tobytes() == o2.tobytes()
+    ends = 0
+    for t, act in enumerate(actions):
+        r1, r2 = first.step(act), second.step(act)
+        for name, x, y in zip(("obs", "reward", "terminated", "truncated"), r1[:4], r2[:4],
+                              strict=True):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"step {t}: {name}"
+        if compare_info:
+            _info_equal(r1[4], r2[4], f"step {t}")
+        ends += int((r1[2] | r1[3]).sum())
+    return ends
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_parallel_kernel_is_bit_identical_to_the_single_threaded_one(mode: AutoresetMode) -> None:
+    # 300 sub-envs: two full chunks of kernel.CHUNK and a partial one; crashes, events and
+    # (SAME_STEP) skipped rows spread over the chunks
+    assert 2 * kernel.CHUNK < 300 < 3 * kernel.CHUNK
+    kw: dict[str, Any] = {"num_envs": 300, "scenario": DRIFTING, "max_episode_steps": 45,
+                          "info_keys": "all", "autoreset_mode": mode}
+    serial, par = InTuneVectorEnv(**kw), InTuneVectorEnv(parallel=True, **kw)
+    assert par.sim.run is not serial.sim.run
+    assert _lockstep(serial, par, 120, 5, compare_info=True) > 0
+    for x, y in zip(serial.sim.args, par.sim.args, strict=True):
+        assert x.tobytes() == y.tobytes()
+
+
+def test_default_info_skips_the_per_stage_outputs_without_changing_the_dynamics() -> None:
+    kw: dict[str, Any] = {"num_envs": 20, "scenario": DRIFTING, "max_episode_steps": 45}
+    lean, full = InTuneVectorEnv(**kw), InTuneVectorEnv(info_keys="all", **kw)
+    assert _lockstep(lean, full, 100, 3, compare_info=False) > 0
+    # the lean env never wrote its per-stage diagnostics; the full one did
+    assert not lean.sim.stage_out.any() and not lean.sim.stage_f.any()
+    assert full.sim.stage_out.any() and full.sim.stage_f.any()
+    for a, b in ((lean.sim.alloc, full.sim.alloc), (lean.sim.buf, full.sim.buf),
+                 (lean.sim.obs, full.sim.obs), (lean.sim.mask, full.sim.mask)):
+        assert np.array_equal(a, b)
+    cols = [c for c in range(kernel.N_STATE) if c != kernel.BOTTLENECK]
+    assert np.array_equal(lean.sim.state[:, cols], full.sim.state[:, cols])
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_parallel_must_be_a_bool(bad: Any) -> None:
+    with pytest.raises(ValueError, match="parallel must be True or False"):
+        InTuneVectorEnv(num_envs=2, parallel=bad)
