@@ -32,12 +32,6 @@ def one_error_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> s
     return lines[0]
 
 
-def _workers_load_plugins() -> bool:
-    """Whether agents.compare hands the loaded plugins to its worker processes."""
-    sources = [*ROOT.glob("agents/compare*.py"), *ROOT.glob("agents/compare/*.py")]
-    return any("loaded_plugins" in p.read_text() for p in sources)
-
-
 def test_unknown_kind_without_plugin_is_one_line_naming_the_flag() -> None:
     one_error_line(intune("scenarios", "show", SCENARIO), "amdahl", "--plugin")
     one_error_line(intune("run", "--scenario", SCENARIO, "--agent", "even"), "amdahl",
@@ -56,12 +50,7 @@ def test_plugin_file_makes_show_and_run_work() -> None:
     assert proc.stderr.count("intune: warning:") == 1 and "600 s" in proc.stderr
 
 
-@pytest.mark.parametrize("jobs", [
-    "1",
-    pytest.param("2", marks=pytest.mark.xfail(
-        not _workers_load_plugins(), strict=True,
-        reason="agents.compare does not yet load plugins in its worker processes")),
-])
+@pytest.mark.parametrize("jobs", ["1", "2"])  # 2: the pool's workers load the plugin too
 def test_plugin_reaches_compare(jobs: str, tmp_path: Path) -> None:
     out = tmp_path / "grid"
     proc = intune("--plugin", PLUGIN, "compare", "--scenarios", SCENARIO, "--agents",
