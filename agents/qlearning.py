@@ -328,11 +328,12 @@ class QLearningAgent(Agent):
                         if est.worker_bytes[j] is not None)
             w_hi = w if w is not None else max(0.0, est.static - known) / alloc[b]
             if w is None and alloc[b] == 1:
-                # Nothing to release for a probe: assume a fraction of the machine, or
-                # twice the largest worker measured (documented residual risk).
+                # Nothing to release for a probe: assume twice the largest worker measured
+                # in this pipeline (its own scale), or before any is measured a fraction
+                # of the machine (documented residual risk).
                 seen = [x for x in est.worker_bytes if x is not None]
-                w_hi = min(w_hi, max(self.unknown_worker_fraction * capacity,
-                                     2 * max(seen, default=0.0)))
+                w_hi = min(w_hi, 2 * max(seen) if seen
+                           else self.unknown_worker_fraction * capacity)
             dbuf_hi = dbuf if dbuf is not None else est.bufcap[b] / alloc[b]
             give_bytes = w_hi + dbuf_hi * elem[b]
             fits = worst + give_bytes <= limit

@@ -112,6 +112,20 @@ class Estimator:
         if self._slice_sxx > 0:
             self.overhead = max(0.0, self._slice_sxy / self._slice_sxx)
 
+    def _reference_rates(self, prev: list[int]) -> list[float]:
+        """Per-CPU rates before a resize: the mean of the recent samples at ``prev``.
+
+        A plain mean of up to ``MEMORY_STEPS`` samples, not the moving average: the
+        average's noise would be a bias shared by every sample of the overhead fit, which
+        then does not average out (with noise cv 0.15 it made the fitted overhead ~1
+        where the true one was 0.1).
+        """
+        ref = []
+        for i in range(self.n):
+            rs = [c / k for _, k, c in self.history[i] if k == prev[i]]
+            ref.append(float(np.mean(rs)) if rs else self.rate[i])
+        return ref
+
     def update(self, info: dict[str, Any]) -> None:
         """Fold one step's measurements into the estimates."""
         if self.n != len(info["allocation"]):
@@ -129,8 +143,10 @@ class Estimator:
                    and sum(alloc) > cpus_total >= sum(prev))
         if (resized or crossed) and prev is not None:
             # dedicated-CPU rates before the resize: the reference for the share after it
-            self._slice_ref, self._slice_alloc = list(self.rate), list(prev)
-            self._slice_step, self._slice_sxx, self._slice_sxy = self.step, 0.0, 0.0
+            self._slice_ref, self._slice_alloc = self._reference_rates(prev), list(prev)
+            # The sums are kept: the overhead is the machine's, and every crossing adds
+            # evidence (a fit from one short window is dominated by noise).
+            self._slice_step = self.step
         self._fit_overhead(alloc, cpus_total, busy, processed)
         share = self.share(alloc, cpus_total)
         for i in range(self.n):
