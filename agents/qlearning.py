@@ -210,7 +210,7 @@ class QLearningAgent(Agent):
                  slack_margin: float = 0.03, gpu_tolerance: float = 0.01,
                  rate_ema: float = 0.3, learn: bool = True,
                  optimistic_init: float = 0.05, safe_exploration: bool = True,
-                 unknown_worker_fraction: float = 0.1, time_slicing: bool = True,
+                 unknown_worker_fraction: float = 0.05, time_slicing: bool = True,
                  slice_overhead: float = 0.25) -> None:
         if epsilon is None:
             epsilon = (0.05, 0.01, 2000) if pretrained else (0.3, 0.02, 1500)

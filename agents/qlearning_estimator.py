@@ -253,7 +253,15 @@ class Estimator:
         the agent does not oscillate one CPU below a cap.
         """
         sat = self.saturated_at[i]
-        if not sat or k >= sat:
+        if not sat:
+            return
+        if k >= sat:
+            # On the plateau: every sample refines it (a running mean), so the test
+            # below gets tighter the longer the stage is held there.
+            last = self.history[i][-1] if self.history[i] else None
+            if last is not None and last[0] == self.step and last[1] == k:
+                self.plateau_n[i] += 1
+                self.plateau[i] += (last[2] - self.plateau[i]) / self.plateau_n[i]
             return
         samples = [h[2] for h in self.history[i] if h[1] == k]
         if len(samples) < 4:
