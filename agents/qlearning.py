@@ -39,8 +39,10 @@ move exceeds ``capacity * (1 - memory_margin)``. A stage whose per-worker memory
 measured gets the rigorous upper bound ``(static - known workers) / cpus``; if that does
 not fit, the agent first *probes* (releases one CPU of the stage and measures the memory
 freed) instead of guessing; probes are not learnt from. A one-CPU stage cannot be probed:
-it is assumed to need at most ``unknown_worker_fraction`` of the memory, or twice the
-largest worker measured. If the current allocation's worst case exceeds the limit (a
+it is assumed to need at most twice the largest worker measured in this pipeline (its own
+scale) or, before any is measured, ``unknown_worker_fraction`` of the memory (5%: half of
+what one CPU per stage leaves free in the generated suite); a documented residual risk.
+If the current allocation's worst case exceeds the limit (a
 co-tenant arrived), a ``take`` is forced.
 
 Oversubscription. The env never adds a CPU while none is free, so after the machine
@@ -196,7 +198,8 @@ class QLearningAgent(Agent):
         safe_exploration: random exploration never releases a CPU that is not slack;
             pretraining turns it off.
         unknown_worker_fraction: per-worker memory assumed (as a fraction of capacity) for
-            a one-CPU stage whose workers were never measured and cannot be probed.
+            a one-CPU stage whose workers cannot be probed, while no worker of the
+            pipeline has been measured (after that: twice the largest measured).
         time_slicing: when no CPU is free, add a time-sliced thread to the bottleneck
             (a whole allocation through ``set_allocation``) while the time-slicing model
             says it pays (see :meth:`_slice_pays`); ``False`` never oversubscribes.

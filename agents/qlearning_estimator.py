@@ -9,9 +9,10 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   concave stages (contention, bandwidth caps), so slack is never over-estimated;
 - time-slicing: ``total`` workers on ``cpus`` CPUs each get a share
   ``(cpus / total) / (1 + overhead * (total / cpus - 1))`` of a CPU. ``overhead`` (context
-  switches) is fitted by least squares after the machine is resized, from each stage's
-  per-CPU rate measured after the resize divided by its rate just before (same CPUs for
-  the stage, so only the share differs);
+  switches) is fitted by least squares after the machine is resized (or the agent
+  oversubscribes), from each stage's mean per-CPU rate measured after the crossing
+  divided by its plain-mean rate just before (same CPUs for the stage, so only the share
+  differs), the evidence of every crossing kept;
 - memory: ``static = memory_bytes - sum(buffer_levels * element_bytes)`` is the memory of
   workers, fixed state and everything outside the pipeline; it changes only when CPUs
   change (or an event happens), so after a one-CPU move on stage ``i`` the change of
