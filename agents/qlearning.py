@@ -23,10 +23,12 @@ Reward. The agent learns from the change its move made to its objective ``x = es
 throughput / gpu_rate - memory_weight * worst-case memory / capacity``: both allocations
 are valued with the rates measured *after* the move, so a no-op earns exactly 0 and
 neither noise nor events between two steps enter the reward (``-oom_penalty`` on an
-out-of-memory crash after a ``give``; a crash after a no-op or a release was caused by
-memory the agent did not add, and is not learnt from, nor is one after a ``give`` that
-would have happened without the worker and prefetch the give was predicted to add, such
-as a co-tenant arriving in the same step). A sum of changes telescopes
+out-of-memory crash another action would have avoided: after a ``give`` that added at
+least the excess, or after a ``noop`` that kept a slack CPU whose measured memory is at
+least the excess, as when a co-tenant arrives; see :meth:`QLearningAgent.avoidable`.
+Other crashes were caused by memory the agent did not add and are not learnt from). The
+second case is the table's own decision: whether to keep a memory margin by releasing
+slack, per class of states, which a fixed rule cannot know. A sum of changes telescopes
 (``sum(discount**t * (x[t+1] - x[t])) = (1 - discount) / discount * sum(discount**t * x[t])
 - x[0]``), so the best policy is the one for the level ``x``, but the signal does not
 carry the throughput level, which differs between scenarios and aliased states and would
@@ -37,8 +39,10 @@ move exceeds ``capacity * (1 - memory_margin)``. A stage whose per-worker memory
 measured gets the rigorous upper bound ``(static - known workers) / cpus``; if that does
 not fit, the agent first *probes* (releases one CPU of the stage and measures the memory
 freed) instead of guessing; probes are not learnt from. A one-CPU stage cannot be probed:
-it is assumed to need at most ``unknown_worker_fraction`` of the memory, or twice the
-largest worker measured. If the current allocation's worst case exceeds the limit (a
+it is assumed to need at most twice the largest worker measured in this pipeline (its own
+scale) or, before any is measured, ``unknown_worker_fraction`` of the memory (5%: half of
+what one CPU per stage leaves free in the generated suite); a documented residual risk.
+If the current allocation's worst case exceeds the limit (a
 co-tenant arrived), a ``take`` is forced.
 
 Oversubscription. The env never adds a CPU while none is free, so after the machine
@@ -164,6 +168,7 @@ class Perception:
     give_fits: bool  # the bottleneck stage can take a worker and its memory is known to fit
     allocation: tuple[int, ...]
     worst_fraction: float  # predicted worst-case memory / capacity
+    take_bytes: float = 0.0  # memory a take is measured to free (0 if not measured)
 
 
 
@@ -193,7 +198,8 @@ class QLearningAgent(Agent):
         safe_exploration: random exploration never releases a CPU that is not slack;
             pretraining turns it off.
         unknown_worker_fraction: per-worker memory assumed (as a fraction of capacity) for
-            a one-CPU stage whose workers were never measured and cannot be probed.
+            a one-CPU stage whose workers cannot be probed, while no worker of the
+            pipeline has been measured (after that: twice the largest measured).
         time_slicing: when no CPU is free, add a time-sliced thread to the bottleneck
             (a whole allocation through ``set_allocation``) while the time-slicing model
             says it pays (see :meth:`_slice_pays`); ``False`` never oversubscribes.
@@ -210,7 +216,7 @@ class QLearningAgent(Agent):
                  slack_margin: float = 0.03, gpu_tolerance: float = 0.01,
                  rate_ema: float = 0.3, learn: bool = True,
                  optimistic_init: float = 0.05, safe_exploration: bool = True,
-                 unknown_worker_fraction: float = 0.1, time_slicing: bool = True,
+                 unknown_worker_fraction: float = 0.05, time_slicing: bool = True,
                  slice_overhead: float = 0.25) -> None:
         if epsilon is None:
             epsilon = (0.05, 0.01, 2000) if pretrained else (0.3, 0.02, 1500)
@@ -328,11 +334,12 @@ class QLearningAgent(Agent):
                         if est.worker_bytes[j] is not None)
             w_hi = w if w is not None else max(0.0, est.static - known) / alloc[b]
             if w is None and alloc[b] == 1:
-                # Nothing to release for a probe: assume a fraction of the machine, or
-                # twice the largest worker measured (documented residual risk).
+                # Nothing to release for a probe: assume twice the largest worker measured
+                # in this pipeline (its own scale), or before any is measured a fraction
+                # of the machine (documented residual risk).
                 seen = [x for x in est.worker_bytes if x is not None]
-                w_hi = min(w_hi, max(self.unknown_worker_fraction * capacity,
-                                     2 * max(seen, default=0.0)))
+                w_hi = min(w_hi, 2 * max(seen) if seen
+                           else self.unknown_worker_fraction * capacity)
             dbuf_hi = dbuf if dbuf is not None else est.bufcap[b] / alloc[b]
             give_bytes = w_hi + dbuf_hi * elem[b]
             fits = worst + give_bytes <= limit
@@ -349,6 +356,10 @@ class QLearningAgent(Agent):
         shed = False
         if f_c == 2 and take_stage >= 0:
             shed, take_stage = self._shed_move(alloc, take_stage, info, worst)
+        take_bytes = 0.0
+        if take_stage >= 0 and est.worker_bytes[take_stage] is not None:
+            take_bytes = est.worker_bytes[take_stage] + (
+                est.buffer_per_cpu[take_stage] or 0.0) * elem[take_stage]
         valid = np.zeros(N_ACTIONS, dtype=bool)
         valid[NOOP] = True
         valid[GIVE] = f_b == 1 and free > 0 and fits and not critical
@@ -357,7 +368,7 @@ class QLearningAgent(Agent):
             self.shield_blocks += 1
         p = Perception(state=state_index(feats), features=feats, valid=valid, give_stage=b,
                        take_stage=take_stage, probe=probe, critical=critical, shed=shed,
-                       give_bytes=give_bytes,
+                       give_bytes=give_bytes, take_bytes=take_bytes,
                        give_fits=f_b == 1 and fits and not probe and not critical,
                        allocation=tuple(alloc), worst_fraction=worst / capacity)
         self._cache_info, self._cache = info, p
@@ -561,9 +572,9 @@ class QLearningAgent(Agent):
             return
         if terminated and next_info.get("oom", False):
             over = float(next_info["memory_bytes"]) - float(next_info["memory_capacity_bytes"])
-            if a != GIVE or over > p.give_bytes:
+            if not self.avoidable(p, a, over):
                 # Memory the agent did not add (a co-tenant, a shrinking machine) crashed
-                # the job: nothing this action could have avoided, so nothing to learn.
+                # the job, and no other action would have avoided it: nothing to learn.
                 return
             target = -self.oom_penalty
         else:
@@ -574,6 +585,24 @@ class QLearningAgent(Agent):
         self.q[p.state, a] += self.learning_rate * (target - self.q[p.state, a])
         self.visits[p.state, a] += 1
         self.steps += 1
+
+    @staticmethod
+    def avoidable(p: Perception, a: int, over: float) -> bool:
+        """Would another action have avoided a crash that exceeded capacity by ``over``?
+
+        After a ``give``: yes if the give added at least ``over`` (predicted). After a
+        ``noop`` while holding slack: yes if the measured memory of the slack CPU a
+        ``take`` would have released is at least ``over`` (a co-tenant arrived and the
+        slack the agent kept is what crashed it). This is what lets the table learn, per
+        class of states, whether to keep a memory margin by releasing slack; a fixed
+        rule cannot know which classes meet co-tenants. A crash after a release is not
+        learnt from (releasing more was not an action).
+        """
+        if a == GIVE:
+            return over <= p.give_bytes
+        if a == NOOP:
+            return bool(p.valid[TAKE] and p.features[2]) and 0 < over <= p.take_bytes
+        return False
 
     def action_effect(self, before: Perception, after: Perception,
                       info: dict[str, Any]) -> float:

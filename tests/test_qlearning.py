@@ -419,3 +419,98 @@ def test_rule_agent_ignores_the_table() -> None:
     assert rule.greedy(p) == ql.TAKE
     p.features = (1, 0, 0, 0)
     assert rule.greedy(p) == ql.NOOP
+
+
+# --- round 2: measured priors, overhead fit, plateau, learnable co-tenant crashes ----------
+DT = 2.0
+GIB = 2**30
+
+
+def _info(alloc: list[int], static: float, rates: list[float], cpus: int = 4,
+          capacity: float = 10 * GIB, share: float = 1.0) -> dict[str, Any]:
+    """A hand-made ``info``: stage ``i`` runs ``rates[i] * share`` samples/s per thread."""
+    n = len(alloc)
+    return {"allocation": list(alloc), "max_cpus": [cpus] * n, "cpus_total": cpus,
+            "gpu_rate": 1e9, "memory_capacity_bytes": capacity, "memory_bytes": static,
+            "element_bytes": [1000.0] * n, "buffer_levels": [0] * n,
+            "buffer_capacities": [1000] * n,
+            "stage_busy_s": [k * DT for k in alloc],
+            "stage_processed": [r * share * k * DT for r, k in zip(rates, alloc, strict=True)]}
+
+
+def test_unprobeable_worker_prior_comes_from_the_pipelines_measured_workers() -> None:
+    agent = QLearningAgent(seed=0)
+    rates = [1000.0, 100.0]  # stage 1 (one CPU, never measured) is the bottleneck
+    first = _info([2, 1], 9.6 * GIB, rates)
+    agent.reset(np.zeros(1), first)
+    p = agent._perceive(first)
+    # nothing measured: the prior (5% of capacity) does not fit the 0.4 GiB left
+    assert p.give_stage == 1 and not p.valid[GIVE]
+    # releasing a CPU of stage 0 measures its worker: 100 MiB
+    second = _info([1, 1], 9.6 * GIB - 100 * 2**20, rates)
+    p = agent._perceive(second)
+    assert agent._est.worker_bytes[0] == pytest.approx(100 * 2**20)
+    assert p.give_bytes == pytest.approx(2 * 100 * 2**20 + 1000 * 1000.0)
+    assert p.valid[GIVE]
+
+
+def _slice_run(est: ql.Estimator, rng: np.random.Generator, alloc: list[int], steps: int,
+               overhead: float, cv: float) -> None:
+    rates = [500.0, 800.0]
+    share = ql.time_share(alloc, 4, overhead)
+    for _ in range(steps):
+        z = 1 + cv * (2 * rng.random(2) - 1)
+        est.update(_info(alloc, 5 * GIB, list(np.array(rates) * z), share=share))
+
+
+def test_overhead_fit_is_unbiased_and_keeps_evidence_across_crossings() -> None:
+    rng = np.random.default_rng(3)
+    fits = []
+    for _ in range(20):
+        est = ql.Estimator(0.3)
+        est.start(_info([2, 2], 5 * GIB, [500.0, 800.0]))
+        for _ in range(2):  # two crossings into time-slicing and back
+            _slice_run(est, rng, [2, 2], 20, 0.3, 0.3)
+            _slice_run(est, rng, [3, 2], 20, 0.3, 0.3)
+        fits.append(est.overhead)
+    assert all(f is not None for f in fits)
+    # noise cv 0.17 on each sample; the mean over runs is close to the true overhead
+    assert np.mean(fits) == pytest.approx(0.3, abs=0.1)
+
+
+def test_plateau_is_refined_by_samples_held_on_it() -> None:
+    est = ql.Estimator(0.3)
+    est.start(_info([3, 1], 5 * GIB, [100.0, 100.0]))
+    est.saturated_at[0], est.plateau[0], est.plateau_n[0] = 3, 100.0, 1
+    for _ in range(9):
+        est.update(_info([3, 1], 5 * GIB, [100.0, 100.0]))  # capacity 300 at 3 CPUs
+    assert est.plateau_n[0] == 10
+    assert est.plateau[0] == pytest.approx((100 + 9 * 300) / 10)
+
+
+def test_a_crash_is_learnt_from_only_when_another_action_would_have_avoided_it() -> None:
+    p = ql.Perception(state=0, features=(2, 0, 1, 0), valid=np.array([True, False, True]),
+                      give_stage=0, take_stage=1, probe=False, critical=False, shed=False,
+                      give_bytes=50.0, give_fits=False, allocation=(1, 2),
+                      worst_fraction=0.9, take_bytes=200.0)
+    avoid = QLearningAgent.avoidable
+    assert avoid(p, ql.NOOP, 150.0)  # the slack CPU held would have covered the excess
+    assert not avoid(p, ql.NOOP, 250.0)  # releasing it would not have been enough
+    assert not avoid(p, ql.TAKE, 150.0)
+    assert avoid(p, GIVE, 40.0) and not avoid(p, GIVE, 60.0)
+    p.features = (2, 0, 0, 0)  # no slack: the no-op kept nothing it could release
+    assert not avoid(p, ql.NOOP, 150.0)
+
+
+def test_noop_that_kept_slack_learns_the_co_tenant_crash() -> None:
+    agent = QLearningAgent(seed=0)
+    p = ql.Perception(state=5, features=(2, 0, 1, 0), valid=np.array([True, False, True]),
+                      give_stage=0, take_stage=1, probe=False, critical=False, shed=False,
+                      give_bytes=0.0, give_fits=False, allocation=(1, 2),
+                      worst_fraction=0.9, take_bytes=200.0)
+    agent._last = (p, ql.NOOP, True)
+    crash = _info([1, 2], 10 * GIB + 100.0, [1.0, 1.0])
+    crash["oom"] = True
+    before = agent.q[5, ql.NOOP]
+    agent.observe(np.zeros(1), 0, -10.0, np.zeros(1), crash, True, False)
+    assert agent.q[5, ql.NOOP] < before - 0.5
