@@ -376,7 +376,9 @@ def kernel_entry(fn: Any, *args: Any) -> Any:
     from numba import typeof
 
     sig = tuple(typeof(a) for a in args)
-    key = (fn.py_func.__name__, *sig)
+    # keyed by the dispatcher itself: two kernels of one name (a reloaded or copied
+    # module) must not share an entry point
+    key = (fn, *sig)
     entry = _ENTRIES.get(key)
     if entry is None:
         fn.compile(sig)

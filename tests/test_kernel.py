@@ -376,3 +376,23 @@ def test_maskable_ppo_learns_with_no_wrapper() -> None:
         obs, _, term, trunc, _ = env.step(int(action))
         if term or trunc:
             obs, _ = env.reset()
+
+
+def test_kernel_entry_tells_two_kernels_of_one_name_apart() -> None:
+    """The entry-point cache is keyed by the compiled function, not its name: a second
+    kernel called ``step`` (a copied or reloaded module) gets its own machine code."""
+    from numba import njit
+
+    from simulators.pipeline import kernel_entry
+
+    def make(value: int) -> Any:
+        def step(out: np.ndarray) -> int:
+            out[0] = value
+            return value
+        return njit(step)
+
+    out = np.zeros(1, dtype=np.int64)
+    first, second = make(1), make(2)
+    assert kernel_entry(first, out)(out) == 1
+    assert kernel_entry(second, out)(out) == 2
+    assert out[0] == 2
