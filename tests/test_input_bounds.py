@@ -342,3 +342,11 @@ def test_pipeline_that_cannot_start_refused() -> None:
     env = gym.make("InTune-v0", scenario=load_scenario(d))
     _, info = env.reset(seed=0)
     assert not info["oom"]
+
+
+def test_strict_json_refuses_duplicate_keys() -> None:
+    from simulators.fileio import loads_json_strict
+
+    assert loads_json_strict('{"a": {"b": 1}, "c": [1]}') == {"a": {"b": 1}, "c": [1]}
+    with pytest.raises(ValueError, match="duplicate key 'b'"):
+        loads_json_strict('{"a": {"b": 1, "b": 2}}')
