@@ -37,7 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from simulators.fileio import InputFileError, echo, read_bytes_limited, read_text_limited
+from simulators.fileio import (
+    InputFileError,
+    echo,
+    loads_json_strict,
+    read_bytes_limited,
+    read_text_limited,
+)
 
 #: Format of the sidecar JSON written by :func:`write_sidecar`.
 SIDECAR_VERSION = 2
@@ -144,12 +150,13 @@ def read_json_file(path: Path, what: str) -> Any:
     """A bounded, strict-UTF-8 JSON file; :class:`ModelFileError` with one line."""
     try:
         text = read_text_limited(path, MAX_SIDECAR_BYTES, what)
-        return json.loads(text)
+        return loads_json_strict(text)
     except InputFileError as err:
         raise ModelFileError(str(err)) from None
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # syntax, duplicate key, huge integer
+        why = err.msg if isinstance(err, json.JSONDecodeError) else echo(str(err), 60)
         raise ModelFileError(f"{echo_path(path)}: {what} is not valid JSON "
-                             f"({getattr(err, 'msg', type(err).__name__)})") from None
+                             f"({why or type(err).__name__})") from None
 
 
 def load_obs_stats(stats_path: Path, legacy_path: Path, trust_model: bool,
@@ -299,8 +306,8 @@ def read_model_zip(zpath: Path) -> tuple[bytes, dict[str, Any]]:
         raise ModelFileError(f"{where}: not a readable zip archive (truncated or corrupted: "
                              f"{echo(str(err))})") from None
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+        data = loads_json_strict(text)
+    except (ValueError, RecursionError):  # syntax, duplicate key, huge integer, nesting
         raise ModelFileError(f"{where}: the zip's 'data' entry is not valid JSON") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{where}: the zip's 'data' entry must be a JSON object")

@@ -111,6 +111,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key '{echo(k)}'")
+        out[k] = v
+    return out
+
+
+def loads_json_strict(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys (no silent "last wins").
+
+    Raises ``ValueError`` (``json.JSONDecodeError`` for bad syntax, plain ``ValueError``
+    for a duplicate key or an integer of more than 4,300 digits) or ``RecursionError``
+    for deep nesting; callers turn those into one line naming their file.
+    """
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np  # local: this module is imported by every layer
 

@@ -350,6 +350,8 @@ class Scenario(_Strict):
                 comp = compile_conditions(cond)
             except (ValueError, OverflowError, ArithmeticError) as err:
                 raise ValueError(f"{where}: {echo(str(err), 200)}") from None
+            if j == 0:
+                self._check_min_fits(cond, comp)
             peak = float(comp.capacity_array.max()) * dt
             if not peak <= MAX_INTERVAL_SAMPLES:
                 raise ValueError(f"{where}: a stage's capacity x control_interval_s is "
@@ -361,6 +363,19 @@ class Scenario(_Strict):
             if mem > MAX_DERIVED_BYTES:
                 raise ValueError(f"{where}: worst-case memory {mem:.3g} bytes; expected at "
                                  f"most 2**47")
+
+    def _check_min_fits(self, cond: Any, comp: Any) -> None:
+        # The env's fitted start falls back to one CPU per stage; if even that cannot fit,
+        # every episode would end in an out-of-memory crash at the first step.
+        need = cond.fixed_memory_bytes + sum(comp.worst_memory[i][1]
+                                             for i in range(len(self.stages)))
+        have = cond.memory_capacity_bytes
+        if need > have:
+            raise ValueError(
+                f"one CPU per stage needs up to {need / GIB:.2f} GiB (every buffer full, "
+                f"plus state and base memory) but the machine has {have / GIB:.2f} GiB: "
+                f"the pipeline cannot start without running out of memory; lower "
+                f"worker_memory_mib, buffer, element_kib or state_mib, or raise memory_gib")
 
     @property
     def stage_names(self) -> list[str]:

@@ -48,7 +48,8 @@ def test_edited_scenario_file_reruns(tmp_path: Path, scenario_file: Path) -> Non
     assert "settings changed" in res.rerun["small__even__seed0"]
 
 
-@pytest.mark.parametrize("content", ["truncated", "[]", "{}", "not json", "bad-field"])
+@pytest.mark.parametrize("content", ["truncated", "[]", "{}", "not json", "bad-field",
+                                     "huge-int", "duplicate-key"])
 def test_broken_run_file_reruns(tmp_path: Path, scenario_file: Path, content: str) -> None:
     out = tmp_path / "o"
     run_compare(str(scenario_file), "even,oracle", 2, out, duration_s=20.0, **KW)
@@ -60,6 +61,10 @@ def test_broken_run_file_reruns(tmp_path: Path, scenario_file: Path, content: st
         d = json.loads(text)
         d["final_fraction"] = "high"
         victim.write_text(json.dumps(d))
+    elif content == "huge-int":  # Python refuses to parse it: a ValueError, not a crash
+        victim.write_text(text.replace("{", '{"x": ' + "9" * 5000 + ", ", 1))
+    elif content == "duplicate-key":  # "last wins" would let an edit hide a field
+        victim.write_text(text.replace("{", '{"final_fraction": 0.5, ', 1))
     else:
         victim.write_text(content)
     res = run_compare(str(scenario_file), "even,oracle", 2, out, duration_s=20.0, **KW)

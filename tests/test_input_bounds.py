@@ -323,3 +323,30 @@ def test_cli_show_one_line_exit_2_for_fifo(tmp_path: Path) -> None:
 def test_values_the_safe_loader_rejects_give_one_line(tmp_path: Path, text: str,
                                                       expected: str) -> None:
     _one_line(_yaml(tmp_path, text), expected)
+
+
+def test_pipeline_that_cannot_start_refused() -> None:
+    """One CPU per stage (the fitted start's floor) must fit, else every episode is an OOM
+    at the first step: the env's start would be a crash and no agent could score."""
+    d = small_scenario()
+    d["stages"][2]["worker_memory_mib"] = 1_000_000  # ~977 GiB for one worker, 8 GiB machine
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(d)
+    msg = str(err.value)
+    assert "one CPU per stage needs up to" in msg and "8.00 GiB" in msg, msg
+    d["stages"][2]["worker_memory_mib"] = 5000  # one worker fits: accepted, env starts
+    import gymnasium as gym
+
+    import intune_env  # noqa: F401  (registers InTune-v0)
+
+    env = gym.make("InTune-v0", scenario=load_scenario(d))
+    _, info = env.reset(seed=0)
+    assert not info["oom"]
+
+
+def test_strict_json_refuses_duplicate_keys() -> None:
+    from simulators.fileio import loads_json_strict
+
+    assert loads_json_strict('{"a": {"b": 1}, "c": [1]}') == {"a": {"b": 1}, "c": [1]}
+    with pytest.raises(ValueError, match="duplicate key 'b'"):
+        loads_json_strict('{"a": {"b": 1, "b": 2}}')

@@ -160,6 +160,11 @@ def test_sidecar_faults(model: Path, tmp_path: Path) -> None:
     side.write_text("{not json")
     with pytest.raises(ModelFileError, match="not valid JSON"):
         SB3Agent.load(z)
+    for bad in ('{"n_stages": 5, ' + good.lstrip()[1:],  # duplicate key: no "last wins"
+                '{"x": ' + "9" * 5000 + ", " + good.lstrip()[1:]):  # too many digits
+        side.write_text(bad)
+        with pytest.raises(ModelFileError, match=r"ppo\.json: model sidecar is not valid JSON"):
+            SB3Agent.load(z)
     side.write_text(good)
     stats = tmp_path / "m" / "ppo.vecnormalize.json"
     stats.write_text(json.dumps({"mean": [0.0], "var": [1.0], "count": 1, "clip_obs": 10,

@@ -35,7 +35,13 @@ from typing import Any
 from agents import registry
 from agents.sb3_files import echo_path
 from simulators import builtin_scenarios, load_scenario
-from simulators.fileio import InputFileError, contained, echo, read_text_limited
+from simulators.fileio import (
+    InputFileError,
+    contained,
+    echo,
+    loads_json_strict,
+    read_text_limited,
+)
 from simulators.generate import expand_suite
 
 #: Version of the run-file layout; part of every fingerprint.
@@ -270,10 +276,10 @@ def read_run(path: Path, spec: RunSpec) -> tuple[dict[str, Any] | None, str]:
     if not path.exists():
         return None, "missing"
     try:
-        res = json.loads(read_text_limited(path, MAX_RUN_BYTES, "run result"))
+        res = loads_json_strict(read_text_limited(path, MAX_RUN_BYTES, "run result"))
     except InputFileError as err:
         return None, str(err)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # syntax, duplicate key, huge integer, nesting
         return None, "result file does not parse (truncated or corrupted)"
     why = validate_run(res, spec)
     return (None, why) if why else (res, "")
