@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from simulators.fileio import InputFileError, echo, read_text_limited, write_json_atomic
+from simulators.fileio import (
+    InputFileError,
+    echo,
+    loads_json_strict,
+    read_text_limited,
+    write_json_atomic,
+)
 
 FORMAT_VERSION = 1
 FILE_KIND = "intune-qlearning-table"
@@ -132,13 +138,13 @@ def read_table(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
     except InputFileError as err:  # missing, not a regular file, too large, not UTF-8
         raise QTableError(str(err)) from None
     try:
-        data = json.loads(text)
+        data = loads_json_strict(text)  # duplicate keys are an error, not last-wins
     except json.JSONDecodeError as err:
         raise _fail(path, f"not a valid Q-table: corrupt or truncated JSON ({err.msg} at "
                           f"line {err.lineno})") from None
     except RecursionError:
         raise _fail(path, "not a valid Q-table: JSON nested too deeply") from None
-    except ValueError as err:  # e.g. an integer with too many digits
+    except ValueError as err:  # a duplicate key, an integer with too many digits
         raise _fail(path, f"not a valid Q-table: {echo(str(err), 60)}") from None
     if not isinstance(data, dict):
         raise _fail(path, "not a valid Q-table: expected a JSON object")

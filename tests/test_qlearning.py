@@ -349,6 +349,7 @@ def _with_visit(value: Any) -> str:
         (lambda: "[" * 5000 + "]" * 5000, "nested too deeply"),
         (lambda: '{"a": ' * 5000 + "1" + "}" * 5000, "nested too deeply"),
         (lambda: '{"format_version": 1' + "1" * 5000 + "}", "not a valid Q-table"),
+        (lambda: json.dumps(_valid_table())[:-1] + ', "kind": "other"}', "duplicate key"),
     ],
 )
 def test_hostile_table_files_give_one_clear_line(tmp_path: Path, text: Any, fault: str) -> None:
