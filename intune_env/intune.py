@@ -148,6 +148,13 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
       and ``"11111"`` are refused); reward weights and ``oom_penalty`` must be finite;
       ``reset`` options must be a dict with known keys and a failed ``reset`` leaves the
       env as it was; ``step`` before ``reset`` raises ``ResetNeeded``.
+    * v0 (behaviour change, stricter scenarios): every number has a finite bound, derived
+      quantities (worst-case memory, samples per interval) are checked, names are safe
+      identifiers, duplicate YAML keys are refused, and a scenario whose one-CPU-per-stage
+      start cannot fit its memory is refused (it could only crash at the first step);
+      what validates, the env runs.
+    * v0 (batched env): the info carries ``action_mask``; ``info_keys="all"`` gives every
+      single-env key; ``parallel=True`` runs the kernel on threads (same results).
     """
 
 
