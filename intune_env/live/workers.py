@@ -44,14 +44,15 @@ def _start_idle(waiter: Worker | None, t_wait: float | None) -> float | None:
     if waiter is None or t_wait is not None:
         return t_wait
     t = time.perf_counter()
-    waiter.idle_since = t
+    waiter.idle = (waiter.idle[0], t)
     return t
 
 
 def _end_idle(waiter: Worker | None, t_wait: float | None) -> None:
     if waiter is not None and t_wait is not None:
-        waiter.idle_s += time.perf_counter() - t_wait
-        waiter.idle_since = None
+        # One assignment (atomic for a reading thread): updating the total and clearing
+        # the start separately let a reader count a wait twice, so busy time went down.
+        waiter.idle = (waiter.idle[0] + time.perf_counter() - t_wait, None)
 
 
 class Buffer:
@@ -164,8 +165,9 @@ class Worker:
         # Busy = alive and not blocked on an empty input or a full output buffer. Waiting
         # for the GIL or a core counts as busy: the stage is then short of CPU.
         self.started = time.perf_counter()
-        self.idle_s = 0.0
-        self.idle_since: float | None = None
+        # (idle seconds of finished waits, start of the current wait or None), replaced
+        # as one tuple so that busy time read by another thread never decreases
+        self.idle: tuple[float, float | None] = (0.0, None)
         self.process: subprocess.Popen | None = None  # when the stage runs in processes
         self.conn: Connection | None = None
         self.respawns = 0
@@ -361,6 +363,6 @@ class Pool:
 
 
 def _busy_of(w: Worker, now: float) -> float:
-    since = w.idle_since
-    idle = w.idle_s + (now - since if since is not None else 0.0)
+    idle_s, since = w.idle
+    idle = idle_s + (now - since if since is not None else 0.0)
     return max(0.0, now - w.started - idle)
