@@ -304,8 +304,8 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
         """Hold a whole allocation from the next step on (for tuners such as AUTOTUNE).
 
         Unlike actions, it may oversubscribe the machine; the simulator time-slices the
-        CPUs and degrades every stage accordingly. The action mask follows at the next
-        step.
+        CPUs and degrades every stage accordingly. The action mask (``action_masks()``)
+        follows at once.
         """
         self.sim.set_allocation(allocation)
 

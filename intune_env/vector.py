@@ -147,7 +147,6 @@ class InTuneVectorEnv(VectorEnv):
         self._all_true = np.ones(N, dtype=bool)
         self._all_true.flags.writeable = False
         # per-conditions constants of the info, gathered by each sub-env's conditions
-        self._oracle_thr: np.ndarray | None = None
         self._same_step = mode is AutoresetMode.SAME_STEP
         self._started = False
 
@@ -209,7 +208,8 @@ class InTuneVectorEnv(VectorEnv):
         any_reset = bool(resetting.any())
         if any_reset:  # NEXT_STEP: these start over and ignore their action
             control = self._control
-            np.copyto(control, np.where(resetting, kernel.OBSERVE, kernel.ACT))
+            control.fill(kernel.ACT)  # in place: no temporary array per autoreset step
+            control[resetting] = kernel.OBSERVE
             out = ((sim.actions < 0) | (sim.actions > 2 * n)) & ~resetting
             if out.any():  # checked before the restarts: a refused step changes nothing
                 raise ValueError(self._bad_action(sim.actions[np.flatnonzero(out)[0]]))

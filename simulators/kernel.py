@@ -25,7 +25,7 @@ One interval of one pipeline (the model of ``simulators.pipeline``):
    element_bytes_i)``, out of memory (sticky) above the capacity;
 6. observation (:func:`write_observation`), reward and the action mask of the new state.
 
-Helpers are inlined into :func:`step` (``inline="always"``: a call passing array structs
+Helpers are inlined into :func:`advance` (``inline="always"``: a call passing array structs
 costs more than the helper) and remain callable from Python, where ``intune_env.common``
 uses them, so the action mask, observation, reward and time-slicing share exist once.
 

@@ -234,7 +234,8 @@ class PipelineSim:
     def restart(self, rows: np.ndarray | slice, seeds: Sequence[int] | np.ndarray,
                 allocation: Sequence[int]) -> None:
         """Copies ``rows`` start over: empty buffers, initial conditions, ``allocation``
-        (already validated) and new episode seeds. The next interval has no action."""
+        (already validated) and new episode seeds. The caller steps them next with
+        control ``OBSERVE`` (an interval without an action), as a reset does."""
         self.alloc[rows] = allocation
         self.buf[rows] = 0
         st = self.state

@@ -168,7 +168,7 @@ def test_reset_seeding_matches_sync_semantics() -> None:
         o1, _ = sync.reset(seed=seed)
         o2, _ = ours.reset(seed=seed)
         assert o1.tobytes() == np.ascontiguousarray(o2).tobytes()
-        for _ in range(70):  # crosses a noise block
+        for _ in range(70):
             a = np.array([1, 0, 7])
             assert sync.step(a)[0].tobytes() == np.ascontiguousarray(ours.step(a)[0]).tobytes()
 
