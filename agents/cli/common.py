@@ -31,9 +31,6 @@ TRUST_MODEL_HELP = ("also load model files that need unpickling (legacy .pkl sta
                     "pickled objects in an SB3 zip). Unpickling runs any code the file "
                     "holds: only for model files you made or fully trust")
 
-_PLUGIN_HINT = ("; load the module that registers it with `intune --plugin FILE.py` "
-                "or an `intune.plugins` entry point")
-
 
 def show_path(path: str | Path) -> str:
     """A path safe to print, capped at its tail (the file name is what tells)."""
@@ -87,20 +84,12 @@ def at_least(value: int | None, minimum: int, flag: str) -> None:
         fail(f"{flag} must be at least {minimum}, got {value}")
 
 
-def scenario_error_line(err: BaseException) -> str:
-    """The scenario error's line, with how to load a plugin if a stage kind is unknown."""
-    msg = str(err)
-    if "unknown stage kind" in msg and "--plugin" not in msg:
-        msg += _PLUGIN_HINT
-    return msg
-
-
 def load_scenario_or_fail(spec: str) -> Scenario:
     """The validated scenario ``spec`` (built-in name or YAML file), or one line."""
     try:
         return load_scenario(spec)
     except (ScenarioError, InputFileError) as err:
-        fail(scenario_error_line(err))
+        fail(str(err))  # names the file and field (and --plugin for an unknown kind)
 
 
 def warn_late_events(sc: Scenario, duration_s: float) -> None:

@@ -17,7 +17,7 @@ import click
 
 from agents import __version__
 from agents.cli.agents_cmd import agents_cmd
-from agents.cli.common import USER_ERRORS, fail, scenario_error_line, show_path
+from agents.cli.common import USER_ERRORS, fail, show_path
 from agents.cli.compare_cmd import compare
 from agents.cli.run import run_cmd
 from agents.cli.scenarios import scenarios
@@ -62,7 +62,7 @@ class BoundaryGroup(click.Group):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as err:
-            fail(scenario_error_line(err))
+            fail(str(err))
         except BrokenPipeError:  # the reader left (`intune run | head`): stop quietly
             # Python's documented recipe: later flushes of stdout go to /dev/null.
             with contextlib.suppress(OSError, ValueError):  # stdout may have no descriptor
