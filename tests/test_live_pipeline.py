@@ -298,3 +298,17 @@ def test_registered_hooks_drive_a_pool(monkeypatch, dataset) -> None:
 def test_config_numbers_must_be_finite(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
         PipelineConfig(**{field: value})
+
+
+def test_busy_time_read_before_a_wait_began_never_shrinks() -> None:
+    # The reader takes its clock first; a worker may start waiting just after. That wait
+    # must add no idle time, or busy time shrinks between readings (negative utilisation).
+    from types import SimpleNamespace
+
+    from intune_env.live.workers import _busy_of
+
+    now = 100.0
+    w = SimpleNamespace(started=90.0, idle=(2.0, now + 0.5))  # the wait began after `now`
+    assert _busy_of(w, now) == 8.0  # 10 s alive, 2 s of finished waits
+    w.idle = (2.0, now - 1.0)  # a wait in progress for 1 s
+    assert _busy_of(w, now) == 7.0

@@ -383,10 +383,11 @@ class LivePipeline:
     # --- measurements ------------------------------------------------------------------
     def counters(self, fresh_memory: bool = True) -> Counters:
         """Cumulative counters; ``peak_memory_bytes`` is the peak since the previous call."""
-        now = time.perf_counter()
         if fresh_memory and not self._closed:
             with contextlib.suppress(Exception):
                 self._mem = tree_rss(self._proc)
+        # after the (slow) memory walk, so the busy times below are read at about ``now``
+        now = time.perf_counter()
         peak = max(self._peak, self._mem)
         self._peak = self._mem
         with self._del_lock:

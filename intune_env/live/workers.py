@@ -364,5 +364,7 @@ class Pool:
 
 def _busy_of(w: Worker, now: float) -> float:
     idle_s, since = w.idle
-    idle = idle_s + (now - since if since is not None else 0.0)
+    # A wait that began after ``now`` (the reader's clock is read first) adds nothing; a
+    # negative term here made busy time shrink between two readings.
+    idle = idle_s + (max(0.0, now - since) if since is not None else 0.0)
     return max(0.0, now - w.started - idle)
