@@ -115,7 +115,8 @@ def move_is_valid(
 def action_mask(allocation: Sequence[int], max_cpus: Sequence[int], cpus_total: int) -> np.ndarray:
     """Boolean mask of the valid actions (for MaskablePPO and for agents)."""
     mask = np.empty((1, 2 * len(allocation) + 1), dtype=bool)
-    kernel.write_action_mask(mask, 0, np.asarray(allocation, dtype=np.int64).reshape(1, -1),
+    alloc = np.asarray(allocation, dtype=np.int64).reshape(1, -1)
+    kernel.write_action_mask(mask, 0, alloc, int(alloc.sum()),
                              np.asarray(max_cpus, dtype=np.int64), int(cpus_total))
     return mask[0]
 
@@ -130,7 +131,8 @@ def build_observation(
 ) -> np.ndarray:
     """Assemble and clip the observation vector (see the module docstring)."""
     out = np.empty((1, 3 * len(allocation) + 4), dtype=np.float32)
-    kernel.write_observation(out, 0, np.asarray(allocation, dtype=np.int64).reshape(1, -1),
+    alloc = np.asarray(allocation, dtype=np.int64).reshape(1, -1)
+    kernel.write_observation(out, 0, alloc, int(alloc.sum()),
                              np.asarray(utilisation, dtype=np.float64),
                              np.asarray(buffer_fill, dtype=np.float64),
                              float(memory_fraction), float(throughput_fraction),

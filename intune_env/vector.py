@@ -146,7 +146,11 @@ class InTuneVectorEnv(VectorEnv):
         self._autoreset = np.zeros(N, dtype=bool)
         self._all_true = np.ones(N, dtype=bool)
         self._all_true.flags.writeable = False
+        # the info's ``_key`` masks, built once (every sub-env reports every key)
+        self._masks = {"_" + key: self._all_true for key in (*INFO_KEYS, MASK_KEY)}
+        self._masks_all = {"_" + key: self._all_true for key in ALL_INFO_KEYS}
         # per-conditions constants of the info, gathered by each sub-env's conditions
+        self._cond_tables: dict[str, np.ndarray] = {}
         self._same_step = mode is AutoresetMode.SAME_STEP
         self._started = False
 
@@ -256,6 +260,7 @@ class InTuneVectorEnv(VectorEnv):
         self.sim.restart(idx, seeds, self._start)
 
     def _done(self) -> tuple[np.ndarray, np.ndarray]:
+        """``terminated`` (out of memory) and ``truncated`` (time limit) of every sub-env."""
         st = self.sim.state
         terminated = st[:, kernel.OOM] != 0
         if self.max_episode_steps is None:
@@ -273,7 +278,7 @@ class InTuneVectorEnv(VectorEnv):
     # --- info ----------------------------------------------------------------------------
     def _cond_table(self, name: str) -> np.ndarray:
         """A per-conditions constant of the info, tabulated once (index: conditions)."""
-        cache = self.__dict__.setdefault("_cond_tables", {})
+        cache = self._cond_tables
         tab = cache.get(name)
         if tab is None:
             sim = self.sim
@@ -296,10 +301,13 @@ class InTuneVectorEnv(VectorEnv):
     def _info(self) -> dict[str, Any]:
         sim, st = self.sim, self.sim.state
         cond = st[:, kernel.COND]
+        oracle = self._cond_tables.get("oracle_throughput")
+        if oracle is None:
+            oracle = self._cond_table("oracle_throughput")
         info: dict[str, Any] = {
             "throughput": st[:, kernel.CONSUMED] / self.dt,
             "oom": st[:, kernel.OOM] != 0,
-            "oracle_throughput": self._cond_table("oracle_throughput").take(cond),
+            "oracle_throughput": oracle.take(cond),
             "allocation": sim.alloc.copy(),
             "memory_bytes": st[:, kernel.MEMORY].copy(),
             "invalid_action": st[:, kernel.INVALID] != 0,
@@ -326,6 +334,5 @@ class InTuneVectorEnv(VectorEnv):
                 "max_cpus": np.repeat(sim.max_cpus_array[None], N, axis=0),
                 "gpu_rate": self._cond_table("gpu_rate").take(cond),
             })
-        for key in list(info):
-            info["_" + key] = self._all_true
+        info.update(self._masks_all if self.info_keys == "all" else self._masks)
         return info

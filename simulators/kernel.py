@@ -118,24 +118,22 @@ def oversubscription_share(total: int, cpus: int, overhead: float) -> float:
 def move_is_valid(cpus_of_stage: int, max_cpus_of_stage: int, total: int, machine_cpus: int,
                   delta: int) -> bool:
     """Whether ``delta`` CPUs on a stage are accepted: ``1 <= cpus <= max_cpus``, and an
-    addition needs a free CPU (``total < machine_cpus``)."""
+    addition needs a free CPU (``total < machine_cpus``).
+
+    Bitwise, not short-circuit: random actions make branches here unpredictable, and a
+    mispredicted branch costs more than the three comparisons."""
     new = cpus_of_stage + delta
-    if delta < 0:
-        return new >= 1
-    if delta > 0:
-        return new <= max_cpus_of_stage and total < machine_cpus
-    return True
+    return (((delta < 0) & (new >= 1)) | (delta == 0) |
+            ((delta > 0) & (new <= max_cpus_of_stage) & (total < machine_cpus)))
 
 
 @njit(cache=True, inline="always")
-def write_action_mask(out: np.ndarray, e: int, alloc: np.ndarray, max_cpus: np.ndarray,
-                      machine_cpus: int) -> None:
-    """Valid actions of row ``e`` of ``alloc`` into row ``e`` of ``out`` (bool, ``2n + 1``
-    wide; see :func:`move_is_valid`). Rows, not views: a view costs reference counting."""
+def write_action_mask(out: np.ndarray, e: int, alloc: np.ndarray, total: int,
+                      max_cpus: np.ndarray, machine_cpus: int) -> None:
+    """Valid actions of row ``e`` of ``alloc`` (``total`` CPUs in all) into row ``e`` of
+    ``out`` (bool, ``2n + 1`` wide; see :func:`move_is_valid`). Rows, not views: a view
+    costs reference counting."""
     n = alloc.shape[1]
-    total = 0
-    for i in range(n):
-        total += alloc[e, i]
     out[e, 0] = True
     for i in range(n):
         out[e, 1 + i] = move_is_valid(alloc[e, i], max_cpus[i], total, machine_cpus, 1)
@@ -143,17 +141,16 @@ def write_action_mask(out: np.ndarray, e: int, alloc: np.ndarray, max_cpus: np.n
 
 
 @njit(cache=True, inline="always")
-def write_observation(out: np.ndarray, e: int, alloc: np.ndarray, utilisation: np.ndarray,
-                      fill: np.ndarray, memory_fraction: float, throughput_fraction: float,
-                      machine_cpus: int) -> None:
+def write_observation(out: np.ndarray, e: int, alloc: np.ndarray, total: int,
+                      utilisation: np.ndarray, fill: np.ndarray, memory_fraction: float,
+                      throughput_fraction: float, machine_cpus: int) -> None:
     """The clipped observation (layout in ``intune_env.common``) of row ``e`` of ``alloc``
-    (with per-stage ``utilisation`` and ``fill``) into row ``e`` of ``out`` (float32)."""
+    (``total`` CPUs in all, per-stage ``utilisation`` and ``fill``) into row ``e`` of
+    ``out`` (float32)."""
     n = alloc.shape[1]
     c = float(machine_cpus)
     per_cpu = 1.0 / c  # one division, not one per stage (divisions dominate this function)
-    total = 0
     for i in range(n):
-        total += alloc[e, i]
         out[e, i] = min(alloc[e, i] * per_cpu, SHARE_MAX)
         out[e, n + i] = min(max(utilisation[i], 0.0), 1.0)
         out[e, 2 * n + i] = min(max(fill[i], 0.0), 1.0)
@@ -192,6 +189,19 @@ def advance(lo: int, hi: int, actions: np.ndarray, control: np.ndarray, k: np.nd
     supply = np.empty(n, np.int64)
     util = np.empty(n)
     fill = np.empty(n)
+    # 3's noise first, for all rows at once: a loop of pure arithmetic over contiguous
+    # arrays, which the compiler vectorises (a few times cheaper than one draw at a time)
+    m = hi - lo
+    z = np.ones((n, m))
+    if spread != 0.0:
+        seeds = np.empty(m, np.uint64)
+        step_of = np.empty(m, np.int64)
+        for r in range(m):
+            seeds[r] = np.uint64(st[lo + r, SEED])
+            step_of[r] = st[lo + r, STEPS]
+        for i in range(n):
+            for r in range(m):
+                z[i, r] = 1.0 + spread * (2.0 * uniform(seeds[r], step_of[r], i) - 1.0)
     # Rows are indexed as [e, i], never taken as views (a view costs reference counting).
     for e in range(lo, hi):
         if control[e] == SKIP:
@@ -201,15 +211,17 @@ def advance(lo: int, hi: int, actions: np.ndarray, control: np.ndarray, k: np.nd
         for i in range(n):
             total += k[e, i]
         # 1. the action, under the conditions before this interval's events
-        st[e, INVALID] = 0
+        # (selects, not branches: random actions would make branches unpredictable)
         a = actions[e]
-        if control[e] == ACT and a != 0:
-            i, delta = (a - 1, 1) if a <= n else (a - n - 1, -1)
-            if move_is_valid(k[e, i], max_cpus[i], total, cond_i[j, CPUS], delta):
-                k[e, i] += delta
-                total += delta
-            else:
-                st[e, INVALID] = 1
+        act = (control[e] == ACT) & (a != 0)
+        add = a <= n
+        i = (a - 1 if add else a - n - 1) if act else 0
+        delta = 1 if add else -1
+        ok = act & move_is_valid(k[e, i], max_cpus[i], total, cond_i[j, CPUS], delta)
+        d = delta if ok else 0
+        k[e, i] += d
+        total += d
+        st[e, INVALID] = act & (not ok)
         # 2. events due by now
         steps = st[e, STEPS]
         while j + 1 < n_cond and cond_i[j + 1, FIRST_STEP] <= steps:
@@ -218,15 +230,8 @@ def advance(lo: int, hi: int, actions: np.ndarray, control: np.ndarray, k: np.nd
         cpus = cond_i[j, CPUS]
         # 3. capacity this interval: time-slicing and counter-based noise
         share = oversubscription_share(total, cpus, cond_f[j, OVERHEAD])
-        seed = np.uint64(st[e, SEED])
-        least = 0
         for i in range(n):
-            z = 1.0
-            if spread != 0.0:
-                z = 1.0 + spread * (2.0 * uniform(seed, steps, i) - 1.0)
-            c[i] = int(capacity[j, i, k[e, i]] * share * z * dt)
-            if c[i] < c[least]:
-                least = i
+            c[i] = int(capacity[j, i, k[e, i]] * share * z[i, e - lo] * dt)
         # 4. forward pass (what each stage can get), then backward (what fits downstream)
         supply[0] = c[0]
         for i in range(1, n):
@@ -236,19 +241,21 @@ def advance(lo: int, hi: int, actions: np.ndarray, control: np.ndarray, k: np.nd
         mem = cond_i[j, MEM_FIXED]
         nxt = g
         for i in range(n - 1, -1, -1):
-            cap_b = tables[j, BUFFERS, i, k[e, i]]
-            p = max(0, min(supply[i], cap_b - b[e, i] + nxt))
-            b[e, i] += p - nxt
+            ki, bi = k[e, i], b[e, i]  # locals: the compiler cannot tell that stores miss them
+            cap_b = tables[j, BUFFERS, i, ki]
+            p = max(0, min(supply[i], cap_b - bi + nxt))
+            bi += p - nxt
+            b[e, i] = bi
             nxt = p
-            mem += tables[j, WORKERS, i, k[e, i]] + b[e, i] * tables[j, ELEMENT_BYTES, i, 0]
+            mem += tables[j, WORKERS, i, ki] + bi * tables[j, ELEMENT_BYTES, i, 0]
             util[i] = u = p / c[i] if c[i] > 0 else 1.0  # a stage that can do nothing: busy
-            fill[i] = b[e, i] / cap_b if cap_b > 0 else 1.0  # no room: always full
+            fill[i] = bi / cap_b if cap_b > 0 else 1.0  # no room: always full
             if diag:
                 stage_out[e, CAPACITY, i] = c[i]
                 stage_out[e, PROCESSED, i] = p
                 stage_out[e, BUFFER_CAP, i] = cap_b
                 stage_f[e, UTILISATION, i] = u
-                stage_f[e, BUSY_S, i] = u * k[e, i] * dt
+                stage_f[e, BUSY_S, i] = u * ki * dt
         if mem > cond_i[j, MEM_CAP]:
             st[e, OOM] = 1
         st[e, STEPS] = steps + 1
@@ -257,14 +264,18 @@ def advance(lo: int, hi: int, actions: np.ndarray, control: np.ndarray, k: np.nd
         st[e, SAMPLES_IN] += nxt
         st[e, SAMPLES_OUT] += g
         if diag:
+            least = 0
+            for i in range(1, n):
+                if c[i] < c[least]:
+                    least = i
             st[e, BOTTLENECK] = -1 if cond_i[j, GPU_CAP] <= c[least] else least
         # 6. what the agent sees
         m = mem / cond_i[j, MEM_CAP]
         t = (g / dt) / cond_f[j, GPU_RATE]
-        write_observation(obs, e, k, util, fill, m, t, cpus)
+        write_observation(obs, e, k, total, util, fill, m, t, cpus)
         reward[e] = 0.0 if control[e] == OBSERVE else reward_value(
             t, m, st[e, OOM] != 0, params[W_THROUGHPUT], params[W_MEMORY], params[OOM_PENALTY])
-        write_action_mask(mask, e, k, max_cpus, cpus)
+        write_action_mask(mask, e, k, total, max_cpus, cpus)
 
 
 @njit(cache=True)

@@ -262,8 +262,9 @@ class PipelineSim:
         """Every copy holds ``allocation`` from now on (oversubscription is allowed); the
         action masks follow at once."""
         self.alloc[:] = check_allocation(allocation, self.max_cpus, self.stage_names)
+        total = int(self.alloc[0].sum())
         for e in range(self.num_envs):
-            kernel.write_action_mask(self.mask, e, self.alloc, self.max_cpus_array,
+            kernel.write_action_mask(self.mask, e, self.alloc, total, self.max_cpus_array,
                                      int(self.cond_i[self.state[e, kernel.COND], kernel.CPUS]))
 
     def oracle_of(self, j: int) -> OracleResult:
