@@ -22,7 +22,7 @@ Rows:
   rows use the default single-threaded kernel (``parallel=False``); ``--parallel`` adds
   rows for ``parallel=True`` (numba threads, ``NUMBA_NUM_THREADS``) at the same sizes;
 - README: the batched curve again as a markdown table (N, steps/s of both, ratio);
-- SB3: PPO and A2C training throughput (``model.learn`` timesteps/s, rollouts and
+- SB3: PPO, A2C and DQN training throughput (``model.learn`` timesteps/s, rollouts and
   updates, torch on one thread) on the batched env through
   ``intune_env.sb3_vecenv.SB3VecEnv`` versus SB3's ``DummyVecEnv`` over single envs, same
   number of envs and hyper-parameters, in alternating halves.
@@ -210,7 +210,7 @@ def readme_table(curve: Curve) -> list[str]:
 
 def sb3_table(timesteps: int, n_envs: int) -> list[tuple[str, str, int, float, str]]:
     import torch
-    from stable_baselines3 import A2C, PPO
+    from stable_baselines3 import A2C, DQN, PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from intune_env.sb3_vecenv import make_sb3_vec_env
@@ -221,7 +221,9 @@ def sb3_table(timesteps: int, n_envs: int) -> list[tuple[str, str, int, float, s
               ours: lambda: make_sb3_vec_env(num_envs=n_envs)}
     rows: list[tuple[str, str, int, float, str]] = []
     for algo, kwargs in ((PPO, {"n_steps": 128, "batch_size": 256, "n_epochs": 4}),
-                         (A2C, {"n_steps": 8})):
+                         (A2C, {"n_steps": 8}),
+                         (DQN, {"learning_starts": 1000, "buffer_size": 50_000,
+                                "train_freq": 4, "batch_size": 64})):
         rates: dict[str, list[float]] = {dummy: [], ours: []}
         models = {}
         for label, make in makers.items():

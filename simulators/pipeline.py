@@ -25,7 +25,7 @@ import numpy as np
 from simulators import kernel
 from simulators.conditions import Compiled, Conditions, compile_conditions
 from simulators.oracle import OracleResult, oracle
-from simulators.scenario import Scenario, ScenarioError
+from simulators.scenario import MAX_INTERVAL_SAMPLES, Scenario, ScenarioError
 
 GPU = "gpu"
 
@@ -155,7 +155,12 @@ class PipelineSim:
         self.stage_names = scenario.stage_names
         self.dt = float(control_interval_s if control_interval_s is not None
                         else scenario.control_interval_s)
+        if not 0 < self.dt < float("inf"):
+            raise ValueError(f"control_interval_s: expected a positive finite number of "
+                             f"seconds, got {control_interval_s!r}")
         self.noise_cv = float(noise_cv if noise_cv is not None else scenario.noise_cv)
+        if not 0 <= self.noise_cv * kernel.NOISE_SCALE < 1:  # noisy rates stay positive
+            raise ValueError(f"noise_cv: expected 0 <= noise_cv < 1/sqrt(3), got {noise_cv!r}")
         self.max_cpus = tuple(s.max_cpus for s in scenario.stages)
         self.parallel = parallel
         self._build_chain()
@@ -220,6 +225,12 @@ class PipelineSim:
                               int(cond.gpu_rate * self.dt),
                               0 if j == 0 else first_step_at(self.events[j - 1].at_s, self.dt))
             self.cond_f[j] = (cond.gpu_rate, cond.oversubscription_overhead)
+        # the scenario checked this for its own interval; an explicit one is checked here
+        peak = max(float(self.capacity.max()), float(self.cond_f[:, kernel.GPU_RATE].max()))
+        if not peak * self.dt <= MAX_INTERVAL_SAMPLES:
+            raise ScenarioError(
+                f"{scen.name}: control_interval_s={self.dt:g} gives {peak * self.dt:.3g} "
+                f"samples per interval; expected at most 2**44 (sample counts stay exact)")
         self.max_cpus_array = np.array(self.max_cpus, dtype=np.int64)
         # conditions in force during the first interval (events at time 0 included)
         self.start_cond = int(np.sum(self.cond_i[1:, kernel.FIRST_STEP] == 0))

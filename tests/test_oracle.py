@@ -213,3 +213,16 @@ def test_oracle_exact_at_128_cpus_8_stages_quickly() -> None:
             alloc[j] -= 1
             assert static_throughput(comp, cond, alloc) <= base
     assert elapsed < 1.0  # generous: it takes milliseconds; a guard against exponential search
+
+
+def test_explicit_interval_and_noise_are_checked() -> None:
+    """An interval or noise given to PipelineSim directly is checked like a scenario's."""
+    scen = load_scenario("dlrm-criteo")
+    with pytest.raises(ScenarioError, match="samples per interval"):
+        PipelineSim(scen, control_interval_s=1e12)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="control_interval_s"):
+            PipelineSim(scen, control_interval_s=bad)
+    with pytest.raises(ValueError, match="noise_cv"):
+        PipelineSim(scen, noise_cv=0.6)
+    assert PipelineSim(scen, control_interval_s=0.5, noise_cv=0.0).dt == 0.5

@@ -100,7 +100,8 @@ def _allocation(plt: Any, sc: str, present: list[str], traces: dict[tuple[str, s
             ax.text(0.5, 0.5, f"out of memory at {end:.0f} s: the job produced nothing "
                     f"after", transform=ax.transAxes, ha="center", va="center", fontsize=9,
                     color="firebrick")
-        ax.set_ylabel("CPUs")
+        # stacked workers can exceed the machine (time-slicing): they are threads
+        ax.set_ylabel("threads")
         ax.set_title(f"{ag} (seed {first})", fontsize=9, loc="left")
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].set_ylim(0, ymax * 1.05)
@@ -108,7 +109,7 @@ def _allocation(plt: Any, sc: str, present: list[str], traces: dict[tuple[str, s
         fig.legend(*handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
                    frameon=False, title="stage")
     axes[-1, 0].set_xlabel("simulated time (s)")
-    fig.suptitle(f"{sc}: CPUs per stage over time (shared y scale)")
+    fig.suptitle(f"{sc}: threads per stage over time (shared y scale)")
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
