@@ -291,8 +291,8 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
         sim = self.sim
         sim.actions[0] = action
         sim.run(sim.actions, sim._act, *sim.args)
-        return (sim.obs[0].copy(), sim.reward.item(0), bool(sim.state[0, kernel.OOM]), False,
-                self._info())
+        info = self._info()
+        return sim.obs[0].copy(), sim.reward.item(0), info["oom"], False, info
 
     def action_masks(self) -> np.ndarray:
         """Valid actions now (bool, ``2N + 1``): what ``MaskablePPO`` asks the env for."""
