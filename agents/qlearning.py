@@ -38,11 +38,13 @@ Safety shield. ``give`` is masked out whenever the predicted worst-case memory a
 move exceeds ``capacity * (1 - memory_margin)``. A stage whose per-worker memory was never
 measured gets the rigorous upper bound ``(static - known workers) / cpus``; if that does
 not fit, the agent first *probes* (releases one CPU of the stage and measures the memory
-freed) instead of guessing; probes are not learnt from. A one-CPU stage cannot be probed:
-it is assumed to need at most twice the largest worker measured in this pipeline (its own
-scale) or, before any is measured, ``unknown_worker_fraction`` of the memory (5%: half of
-what one CPU per stage leaves free in the generated suite); a documented residual risk.
-If the current allocation's worst case exceeds the limit (a
+freed) instead of guessing; probes are not learnt from, nor are releases of a saturated
+bottleneck below its mark (tests of how far its plateau reaches, which cost throughput
+when it does not: learnt from, they taught the table to keep slack). A one-CPU stage
+cannot be probed: it is assumed to need at most twice the largest worker measured in this
+pipeline (its own scale) or, before any is measured, ``unknown_worker_fraction`` of the
+memory (5%: half of what one CPU per stage leaves free in the generated suite); a
+documented residual risk. If the current allocation's worst case exceeds the limit (a
 co-tenant arrived), a ``take`` is forced.
 
 Oversubscription. The env never adds a CPU while none is free, so after the machine
@@ -169,6 +171,9 @@ class Perception:
     allocation: tuple[int, ...]
     worst_fraction: float  # predicted worst-case memory / capacity
     take_bytes: float = 0.0  # memory a take is measured to free (0 if not measured)
+    # a take would release the bottleneck on its saturation plateau: a test of how far
+    # the plateau reaches down (a measurement, like a probe), not a release of slack
+    plateau_test: bool = False
 
 
 
@@ -360,6 +365,9 @@ class QLearningAgent(Agent):
         if take_stage >= 0 and est.worker_bytes[take_stage] is not None:
             take_bytes = est.worker_bytes[take_stage] + (
                 est.buffer_per_cpu[take_stage] or 0.0) * elem[take_stage]
+        # releasing the bottleneck at its mark goes below it: a test (above it: spare)
+        plateau_test = (take_stage == b and not gpu_bound and not shed and bool(sat_b)
+                        and not est.floor_found[b] and alloc[b] == sat_b)
         valid = np.zeros(N_ACTIONS, dtype=bool)
         valid[NOOP] = True
         valid[GIVE] = f_b == 1 and free > 0 and fits and not critical
@@ -370,7 +378,8 @@ class QLearningAgent(Agent):
                        take_stage=take_stage, probe=probe, critical=critical, shed=shed,
                        give_bytes=give_bytes, take_bytes=take_bytes,
                        give_fits=f_b == 1 and fits and not probe and not critical,
-                       allocation=tuple(alloc), worst_fraction=worst / capacity)
+                       allocation=tuple(alloc), worst_fraction=worst / capacity,
+                       plateau_test=plateau_test)
         self._cache_info, self._cache = info, p
         return p
 
@@ -552,6 +561,11 @@ class QLearningAgent(Agent):
             self.probes += 1
             self._last = (p, a, False)
             return common.encode_action(p.give_stage, -1, n)
+        if a == TAKE and p.plateau_test and not p.critical:
+            # Releasing the saturated bottleneck below its mark tests whether the plateau
+            # reaches further down: a measurement whose cost says nothing about releasing
+            # slack in this state (it made the table keep slack that co-tenants crash).
+            learnable = False
         self._last = (p, a, learnable)
         if a == GIVE:
             return common.encode_action(p.give_stage, +1, n)

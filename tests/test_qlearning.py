@@ -515,3 +515,37 @@ def test_noop_that_kept_slack_learns_the_co_tenant_crash() -> None:
     before = agent.q[5, ql.NOOP]
     agent.observe(np.zeros(1), 0, -10.0, np.zeros(1), crash, True, False)
     assert agent.q[5, ql.NOOP] < before - 0.5
+
+
+def _agent_on_plateau(alloc: list[int]) -> tuple[QLearningAgent, dict[str, Any]]:
+    """An agent whose bottleneck (stage 0) is marked saturated at 3 CPUs; ``take`` preferred."""
+    agent = QLearningAgent(seed=0, epsilon=(0.0, 0.0, 1))
+    info = _info(alloc, 5 * GIB, [100.0, 1000.0], cpus=8)
+    agent.reset(np.zeros(1), info)
+    for _ in range(3):
+        agent._est.update(info)
+    agent._est.saturated_at[0], agent._est.plateau[0] = 3, 300.0
+    agent.q[:, ql.TAKE] = 1.0  # greedy: take wherever it is valid
+    return agent, info
+
+
+def test_a_release_below_the_plateau_mark_is_a_measurement_not_learnt_from() -> None:
+    agent, info = _agent_on_plateau([3, 1])
+    p = agent._perceive(info)
+    assert p.take_stage == 0 and p.plateau_test
+    action = agent.act(np.zeros(1), info)
+    assert action == common.encode_action(0, -1, 2)
+    q_before = agent.q.copy()
+    agent.observe(np.zeros(1), action, 0.0, np.zeros(1), _info([2, 1], 5 * GIB,
+                  [100.0, 1000.0], cpus=8), False, False)
+    assert np.array_equal(agent.q, q_before) and agent.visits.sum() == 0
+
+
+def test_a_release_above_the_plateau_mark_is_learnt_from() -> None:
+    agent, info = _agent_on_plateau([4, 1])  # one CPU above the mark: a spare CPU
+    p = agent._perceive(info)
+    assert p.take_stage == 0 and not p.plateau_test
+    action = agent.act(np.zeros(1), info)
+    agent.observe(np.zeros(1), action, 0.0, np.zeros(1), _info([3, 1], 5 * GIB,
+                  [100.0, 1000.0], cpus=8), False, False)
+    assert agent.visits[p.state, ql.TAKE] == 1
