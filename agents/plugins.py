@@ -100,3 +100,23 @@ def load_entry_point_plugins() -> list[str]:
 def loaded_plugins() -> list[str]:
     """Specs loaded so far in this process (what worker processes must load too)."""
     return [s for s in _LOADED if not s.startswith("entry-point:")]
+
+
+def plugins_digest() -> str:
+    """SHA-256 over the source files of every plugin loaded so far ("" if none).
+
+    Part of ``intune compare``'s run fingerprints: a plugin defines stage models and
+    agents, so a result computed with an older version of its code must not be reused.
+    A module without a source file (an extension) counts by its name only.
+    """
+    if not _LOADED:
+        return ""
+    h = hashlib.sha256()
+    for spec, name in _LOADED.items():
+        module_name = name.split(":", 1)[0] if spec.startswith("entry-point:") else name
+        h.update(spec.encode() + b"\0")
+        path = getattr(sys.modules.get(module_name), "__file__", None)
+        if path and Path(path).is_file():
+            h.update(Path(path).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()

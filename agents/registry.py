@@ -194,7 +194,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "qlearning-frozen": "ablation: the pretrained Q-table, greedy, never updated online",
     "qlearning-rule": "ablation: the Q-learning agent's perception and shield with a fixed "
                       "rule, no table",
-    "autotune": "a tf.data AUTOTUNE-like tuner (hill-climbs parallelism per stage)",
+    "autotune": "a tf.data AUTOTUNE-like tuner (default mode max_parallelism, as tf.data)",
     "plumber": "a Plumber-like tuner (models stage rates, solves for an allocation)",
     "static": "the machine's CPUs split evenly across stages, never changed",
     "even": "same as static: an even split, never changed",

@@ -27,7 +27,10 @@ the saved normalisation statistics and returns ``model.predict(obs, deterministi
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import io
+import math
 import pickle
 import tempfile
 import time
@@ -114,7 +117,77 @@ def load_hyperparams(algo: str, path: str | Path | None = None) -> dict[str, Any
     if not isinstance(data, dict) or not isinstance(data.get(algo), dict):
         raise ValueError(f"{p}: no mapping for algorithm {algo!r} (expected a top-level "
                          f"key {algo}: with n_timesteps, policy, ...)")
-    return dict(data[algo])
+    hp = dict(data[algo])
+    check_hyperparams(algo, hp, f"{echo(str(p))}: {algo}")
+    return hp
+
+
+#: Constructor arguments train_sb3 sets itself (a file may not).
+_SET_BY_TRAINING = ("env", "seed", "device", "verbose", "tensorboard_log", "policy",
+                    "_init_setup_model")
+#: policy_kwargs a file may set (classes such as optimizer_class would be code).
+_POLICY_KWARGS = ("net_arch", "activation_fn", "ortho_init", "log_std_init")
+#: Largest n_envs (copies of the env held in memory at once).
+MAX_N_ENVS = 4096
+
+
+def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
+    """``ValueError`` naming ``where.KEY`` unless ``hp`` is a usable mapping for ``algo``.
+
+    Keys are the loop keys or the SB3 constructor's own arguments; counts are integers
+    in range; numbers are finite; no value names code (schedules and classes cannot be
+    given in a file).
+    """
+    params = inspect.signature(ALGOS[algo].__init__).parameters
+    allowed = set(_LOOP_KEYS) | (set(params) - set(_SET_BY_TRAINING) - {"self"})
+    for key, value in hp.items():
+        at = f"{where}.{echo(str(key))}"
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            raise ValueError(f"{at}: unknown hyperparameter"
+                             + (f"; did you mean {near[0]!r}?" if near else
+                                f" (not an argument of {ALGOS[algo].__name__})"))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{at}: expected a finite number, got {value!r}")
+        # the constructor's default tells the type (SB3 checks few of them itself)
+        default = params[key].default if key in params else None
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):  # a count (DQN's train_freq may also be [n, unit])
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                key == "train_freq" and isinstance(value, list))
+            expected = "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            expected = "a number"
+        else:
+            ok, expected = True, ""
+        if not ok:
+            raise ValueError(f"{at}: expected {expected}, got {echo(repr(value))}")
+        if key == "learning_rate" and (isinstance(value, bool) or
+                                       not isinstance(value, int | float) or value <= 0):
+            raise ValueError(f"{at}: expected a positive number (schedules cannot be given "
+                             f"in a file), got {echo(repr(value))}")
+    if "n_timesteps" not in hp:
+        raise ValueError(f"{where}.n_timesteps: required (the training budget in env steps)")
+    for key, lo, hi in (("n_timesteps", 1, 10**9), ("compare_n_timesteps", 1, 10**9),
+                        ("n_envs", 1, MAX_N_ENVS), ("n_evaluations", 1, 10**4),
+                        ("n_eval_episodes", 1, 10**4)):
+        v = hp.get(key, lo)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{where}.{key}: expected an integer from {lo} to {hi:,}, got "
+                             f"{echo(repr(v))}")
+    if hp.get("policy", "MlpPolicy") != "MlpPolicy":
+        raise ValueError(f"{where}.policy: expected MlpPolicy (observations are one vector), "
+                         f"got {echo(repr(hp['policy']))}")
+    pk = hp.get("policy_kwargs")
+    if pk is not None:
+        if not isinstance(pk, dict):
+            raise ValueError(f"{where}.policy_kwargs: expected a mapping")
+        for key in pk:
+            if key not in _POLICY_KWARGS:
+                raise ValueError(f"{where}.policy_kwargs.{echo(str(key))}: not settable from a "
+                                 f"file; expected one of {', '.join(_POLICY_KWARGS)}")
 
 
 def _mask_fn(env: gym.Env) -> np.ndarray:
@@ -328,7 +401,10 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
 
     algo = canonical_algo(algo)
     hp = load_hyperparams(algo, hyperparams_path)
-    hp.update(overrides or {})
+    where = f"{echo(str(hyperparams_path or HYPERPARAMS_PATH))}: {algo}"
+    if overrides:
+        hp.update(overrides)
+        check_hyperparams(algo, hp, where)
     requested = int(n_timesteps if n_timesteps is not None else hp["n_timesteps"])
     if requested < 1:
         raise ValueError(f"n_timesteps must be at least 1, got {requested}")
@@ -355,10 +431,16 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
     eval_env = build_vec_env(sc, 1, 1000 * seed + 501, normalize=normalize,
                              masked=masked, training=False, env_kwargs=env_kwargs,
                              max_episode_steps=max_episode_steps, vec_env=vec_env)
-    model = ALGOS[algo](hp.get("policy", "MlpPolicy"), train_env, seed=seed, device="cpu",
-                        verbose=verbose,
-                        tensorboard_log=None if tensorboard_log is None else str(tensorboard_log),
-                        **kwargs)
+    try:
+        model = ALGOS[algo](hp.get("policy", "MlpPolicy"), train_env, seed=seed, device="cpu",
+                            verbose=verbose, tensorboard_log=None if tensorboard_log is None
+                            else str(tensorboard_log), **kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as err:
+        # a value SB3 itself refuses (a wrong type, gamma above 1, a bad net_arch)
+        train_env.close()
+        eval_env.close()
+        raise ValueError(f"{where}: {ALGOS[algo].__name__} refused the hyperparameters: "
+                         f"{echo(str(err) or type(err).__name__)}") from None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as tmp:
         tmpd = Path(tmp)
         on_best = _SaveStatsOnBest()

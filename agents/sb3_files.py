@@ -49,6 +49,8 @@ from simulators.fileio import (
 SIDECAR_VERSION = 2
 #: Cap on a model archive read into memory (the shipped networks are < 1 MB).
 MAX_MODEL_BYTES = 256 << 20
+#: Largest unpacked 'data' entry (JSON of hyperparameters and spaces: kilobytes in practice).
+MAX_DATA_BYTES = 16 << 20
 #: Cap on a sidecar or statistics JSON.
 MAX_SIDECAR_BYTES = 4 << 20
 
@@ -296,6 +298,14 @@ def read_model_zip(zpath: Path) -> tuple[bytes, dict[str, Any]]:
                 raise ModelFileError(f"{where}: not an SB3 model (no 'data' entry in the zip)")
             if "policy.pth" not in names:
                 raise ModelFileError(f"{where}: not an SB3 model (no 'policy.pth' in the zip)")
+            # sizes from the zip's directory, before anything is inflated: a small file
+            # must not unpack into gigabytes
+            for info in zf.infolist():
+                cap = MAX_DATA_BYTES if info.filename == "data" else MAX_MODEL_BYTES
+                if info.file_size > cap:
+                    raise ModelFileError(
+                        f"{where}: the zip entry {echo(info.filename)} unpacks to "
+                        f"{info.file_size:,} bytes; expected at most {cap:,}")
             bad = zf.testzip()
             if bad is not None:
                 raise ModelFileError(f"{where}: the zip entry {echo(bad)} is corrupted")

@@ -155,6 +155,12 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
       what validates, the env runs.
     * v0 (batched env): the info carries ``action_mask``; ``info_keys="all"`` gives every
       single-env key; ``parallel=True`` runs the kernel on threads (same results).
+    * v0 (stricter scenarios, no change to valid ones): numbers are not read from
+      booleans or strings (``max_cpus: true``, ``rate_per_cpu: "40000"``,
+      ``control_interval_s=True``); the conditions after every event are checked as the
+      start's are (one CPU per stage must fit in memory: a pipeline that every
+      allocation crashes is refused; fewer CPUs than stages time-slice); a file's explicit
+      ``start_allocation`` must fit when it is loaded; ``oom_penalty`` must be >= 0.
     """
 
 
@@ -195,6 +201,9 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
             memory=finite_number("reward_memory_weight", self.config["reward_memory_weight"]),
             oom_penalty=finite_number("oom_penalty", self.config["oom_penalty"]),
         )
+        if self.weights.oom_penalty < 0:  # a crash that pays is a sign error, not a choice
+            raise ValueError(f"InTune-v0: oom_penalty must be >= 0 (the reward on a crash "
+                             f"is -oom_penalty), got {self.config['oom_penalty']!r}")
         self.sim = PipelineSim(base)
         self.sim.set_reward_weights(self.weights.throughput, self.weights.memory,
                                     self.weights.oom_penalty)

@@ -16,11 +16,13 @@ goes through :func:`contained`. One copy of each, so the rules hold everywhere:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +86,18 @@ def read_text_limited(path: str | Path, max_bytes: int = MAX_TEXT_BYTES,
                              f"{err.start}: {data[err.start:err.start + 1]!r})") from None
 
 
+def refuse_folders(paths: Sequence[str | Path]) -> None:
+    """``IsADirectoryError`` naming the first of ``paths`` that is a folder: checked for a
+    whole set of outputs before the first is written, so none is left half done."""
+    for p in paths:
+        if Path(p).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder; expected a file path", str(p))
+
+
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the folder, then rename)."""
     p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"{p}: is a folder; expected a file path")
+    refuse_folders([p])
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name[:64]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

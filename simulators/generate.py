@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from simulators.fileio import contained, write_text_atomic
+from simulators.fileio import contained, refuse_folders, write_text_atomic
 
 #: Stage names in pipeline order; a generated pipeline keeps ``read`` and picks the rest.
 STAGE_NAMES = ("read", "parse", "shuffle", "transform", "hash", "batch", "collate", "gpu_load")
@@ -230,11 +230,11 @@ def write_scenarios(count: int, seed: int, out_dir: Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for sc in generate_scenarios(count, seed):
-        path = contained(out_dir, f"{sc['name']}.yaml")
+    scenarios = generate_scenarios(count, seed)
+    paths = [contained(out_dir, f"{sc['name']}.yaml") for sc in scenarios]
+    refuse_folders(paths)  # before the first write: a refused set leaves no part behind
+    for sc, path in zip(scenarios, paths, strict=True):
         write_text_atomic(path, yaml.safe_dump(sc, sort_keys=False))
-        paths.append(path)
     return paths
 
 

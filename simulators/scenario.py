@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,7 @@ from pydantic import (
     Field,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -108,9 +110,28 @@ def _matching(value: str, pattern: str, expected: str) -> str:
     return value
 
 
+def _is_numeric(annotation: Any) -> bool:
+    """Whether a field holds a number (``int``, ``float``, optionally ``None``)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return any(a in (int, float) for a in args) and str not in args
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: .inf and .nan are refused even where no bound would catch them
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true/false as 1/0 and "40000" as 40000: refuse both,
+        # since a YAML `yes` or a quoted number is a mistake, not a value
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _is_numeric(field.annotation) and isinstance(v, bool | str):
+            kind = "integer" if int in (typing.get_args(field.annotation) or
+                                        (field.annotation,)) else "number"
+            raise ValueError(f"expected a valid {kind}, not a "
+                             f"{'boolean' if isinstance(v, bool) else 'string'}")
+        return v
 
 
 class MachineSpec(_Strict):
@@ -173,6 +194,16 @@ class StageSpec(_Strict):
     _identifier = field_validator("name")(classmethod(lambda cls, v: _matching(
         v, STAGE_NAME_PATTERN, "a short identifier (a letter or _, then letters, digits, _ "
         "or -)")))
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _number_params(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for key, value in v.items():
+                if isinstance(value, bool | str):
+                    raise ValueError(f"parameter {echo(repr(key))}: expected a number, got "
+                                     f"{echo(repr(value))}")
+        return v
 
     @field_validator("params")
     @classmethod
@@ -350,8 +381,25 @@ class Scenario(_Strict):
                 comp = compile_conditions(cond)
             except (ValueError, OverflowError, ArithmeticError) as err:
                 raise ValueError(f"{where}: {echo(str(err), 200)}") from None
-            if j == 0:
-                self._check_min_fits(cond, comp)
+            # (an event may leave fewer CPUs than stages: the stages then time-slice)
+            self._check_min_fits(cond, comp, where if j else "")
+            if j == 0 and isinstance(self.start_allocation, tuple):
+                need = cond.fixed_memory_bytes + sum(
+                    comp.worst_memory[i][k] for i, k in enumerate(self.start_allocation))
+                if need > cond.memory_capacity_bytes:
+                    raise ValueError(
+                        f"start_allocation: {list(self.start_allocation)} needs up to "
+                        f"{need / GIB:.2f} GiB (every buffer full) but the machine has "
+                        f"{cond.memory_capacity_bytes / GIB:.2f} GiB; use 'even' (fitted to "
+                        f"memory) or fewer CPUs")
+            if j == 0:  # a stage that cannot pass one sample per interval delivers nothing
+                for i in range(len(self.stages)):
+                    best = float(comp.capacity_array[i].max()) * dt
+                    if best < 1:
+                        raise ValueError(
+                            f"stages.{i}: at most {best:.3g} samples per control interval "
+                            f"even with max_cpus; expected at least 1 (raise rate_per_cpu or "
+                            f"control_interval_s)")
             peak = float(comp.capacity_array.max()) * dt
             if not peak <= MAX_INTERVAL_SAMPLES:
                 raise ValueError(f"{where}: a stage's capacity x control_interval_s is "
@@ -364,18 +412,22 @@ class Scenario(_Strict):
                 raise ValueError(f"{where}: worst-case memory {mem:.3g} bytes; expected at "
                                  f"most 2**47")
 
-    def _check_min_fits(self, cond: Any, comp: Any) -> None:
+    def _check_min_fits(self, cond: Any, comp: Any, event: str = "") -> None:
         # The env's fitted start falls back to one CPU per stage; if even that cannot fit,
-        # every episode would end in an out-of-memory crash at the first step.
+        # every episode would end in an out-of-memory crash at the first step. After an
+        # ``event`` the same holds: every allocation would crash there.
         need = cond.fixed_memory_bytes + sum(comp.worst_memory[i][1]
                                              for i in range(len(self.stages)))
         have = cond.memory_capacity_bytes
         if need > have:
+            what = ("after this event every allocation runs out of memory" if event
+                    else "the pipeline cannot start without running out of memory")
             raise ValueError(
-                f"one CPU per stage needs up to {need / GIB:.2f} GiB (every buffer full, "
-                f"plus state and base memory) but the machine has {have / GIB:.2f} GiB: "
-                f"the pipeline cannot start without running out of memory; lower "
-                f"worker_memory_mib, buffer, element_kib or state_mib, or raise memory_gib")
+                f"{event + ': ' if event else ''}one CPU per stage needs up to "
+                f"{need / GIB:.2f} GiB (every buffer full, plus state, base and co-tenant "
+                f"memory) but the machine has "
+                f"{have / GIB:.2f} GiB: {what}; lower worker_memory_mib, buffer, "
+                f"element_kib, state_mib or the co-tenant memory, or raise memory_gib")
 
     @property
     def stage_names(self) -> list[str]:
@@ -394,10 +446,14 @@ def _error_line(source: str, e: Any) -> str:
     if not e["loc"] and inner:  # a whole-scenario check that names its field itself
         loc, msg = inner.group(1), msg[inner.end():]
     if typ == "extra_forbidden":
-        known = sorted({f for m in (Scenario, MachineSpec, StageSpec, EventSpec)
-                        for f in m.model_fields})
-        close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
-        msg = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
+        name = str(e["loc"][-1])
+        models = {"the top level": Scenario, "machine": MachineSpec, "stages": StageSpec,
+                  "events": EventSpec}
+        owners = [where for where, m in models.items() if name in m.model_fields]
+        known = sorted({f for m in models.values() for f in m.model_fields} - {name})
+        close = difflib.get_close_matches(name, known, n=1)
+        msg = (f"unknown field here ({name!r} belongs in {' or '.join(owners)})" if owners
+               else "unknown field" + (f"; did you mean {close[0]!r}?" if close else ""))
     elif typ == "missing":
         msg = "required field is missing"
     got = e.get("input")

@@ -15,7 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import small_scenario
+
+from agents.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,3 +113,25 @@ def test_ctrl_c_exits_fast_keeping_finished_runs(tmp_path: Path) -> None:
     assert not _alive(kids)
     for f in finished:
         json.loads(f.read_text())  # kept, whole
+
+
+def test_a_folder_where_a_report_goes_is_refused_before_any_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "summary.md").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["compare", "--scenarios", "dlrm-criteo", "--agents",
+                                    "even", "--seeds", "1", "--out", str(out)])
+    assert res.exit_code == 2
+    assert "summary.md is a folder" in res.output
+    assert not (out / "runs").exists() and not (out / "runs.csv").exists()
+
+
+def test_a_given_model_that_is_not_a_model_is_refused_before_any_run(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "dlrm-criteo" / "ppo").mkdir(parents=True)
+    (models / "dlrm-criteo" / "ppo" / "seed0.zip").write_text("hello")
+    res = CliRunner().invoke(main, ["compare", "--scenarios", "dlrm-criteo", "--agents", "ppo",
+                                    "--seeds", "1", "--models", str(models), "--out",
+                                    str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "seed0.zip: not a readable zip archive" in res.output
+    assert not (tmp_path / "out" / "runs.csv").exists()

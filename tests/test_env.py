@@ -264,3 +264,10 @@ def test_sb3_subproc_vec_env_through_module_path() -> None:
         assert infos[1]["allocation"] != infos[0]["allocation"] or infos[1]["invalid_action"]
     finally:
         venv.close()
+
+
+def test_negative_oom_penalty_is_refused() -> None:
+    """A negative penalty would make a crash pay: a sign error, refused by name."""
+    with pytest.raises(ValueError, match="oom_penalty must be >= 0"):
+        gym.make("InTune-v0", oom_penalty=-5)
+    assert gym.make("InTune-v0", oom_penalty=0.0).unwrapped.weights.oom_penalty == 0.0

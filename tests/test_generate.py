@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -125,3 +126,12 @@ def test_generalization_benchmark_runs(tmp_path) -> None:
     assert all(0 <= r["fraction"] <= 1.3 for r in data["episodes"])
     assert (out / "generalization-train.png").stat().st_size > 1000
     assert "| qlearning | 2 |" in (out / "generalization-train.md").read_text()
+
+
+def test_a_folder_in_place_of_a_member_writes_none(tmp_path: Path) -> None:
+    """All destinations are checked before the first write: no partial set is left."""
+    (tmp_path / "gen-0-1.yaml").mkdir()
+    with pytest.raises(IsADirectoryError) as err:
+        write_scenarios(3, 0, tmp_path)
+    assert err.value.filename == str(tmp_path / "gen-0-1.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen-0-1.yaml"]

@@ -183,7 +183,8 @@ def test_bounds_at_the_limit_still_run() -> None:
     d = small_scenario(memory_gib=65536, gpu_rate=1e10)
     d["stages"][0].update(rate_per_cpu=1e10, bandwidth_cap=1e10, buffer=2**28,
                           element_kib=16)
-    d["events"] = [{"at_s": 2, "cotenant_memory_gib": 65536}]
+    # a co-tenant as large as still leaves one CPU per stage room (~4 TiB of buffer)
+    d["events"] = [{"at_s": 2, "cotenant_memory_gib": 60000}]
     env = gym.make("InTune-v0", scenario=d)
     env.reset(seed=0)
     for _ in range(3):

@@ -103,3 +103,25 @@ def test_entry_point_plugins_load_at_startup(tmp_path: Path) -> None:
                           extra_path=tmp_path), "amdahl", "--plugin")
     (tmp_path / "amdahl_ep.py").write_text("raise ImportError('half installed')\n")
     one_error_line(intune("agents", extra_path=tmp_path), "entry point", "half installed")
+
+
+def test_compare_reruns_when_a_plugins_code_changes(tmp_path: Path) -> None:
+    """A plugin's source is part of every run's fingerprint: edited code, fresh runs."""
+    plugin = tmp_path / "pa.py"
+    plugin.write_text((ROOT / PLUGIN).read_text())
+    out = tmp_path / "grid"
+    args = ("--plugin", str(plugin), "compare", "--scenarios", SCENARIO, "--agents", "even",
+            "--seeds", "1", "--duration-s", "30", "--out", str(out), "--no-progress",
+            "--no-plots")
+
+    def throughput() -> float:
+        proc = intune(*args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        with open(out / "runs.csv", newline="") as fh:
+            return float(next(csv.DictReader(fh))["final_throughput"])
+
+    first = throughput()
+    assert throughput() == first and "1 reused" in intune(*args).stdout  # unchanged: reused
+    plugin.write_text(plugin.read_text() + "\n# an edit that changes nothing it computes\n")
+    proc = intune(*args)
+    assert proc.returncode == 0 and "0 reused" in proc.stdout, proc.stdout

@@ -107,3 +107,32 @@ def test_hyperparams_file(tmp_path: Path) -> None:
         load_hyperparams("dqn", bad)
     with pytest.raises(ValueError, match="unknown SB3 algorithm"):
         load_hyperparams("sac")
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ("turbo: 3", "ppo.turbo: unknown hyperparameter"),
+    ("n_evaluations: 0", "ppo.n_evaluations: expected an integer from 1"),
+    ("n_envs: 1000000", "ppo.n_envs: expected an integer from 1 to 4,096"),
+    ("policy_kwargs: {optimizer_class: os.system}", "policy_kwargs.optimizer_class: not settable"),
+    ("learning_rate: lin_3e-4", "ppo.learning_rate: expected a number"),
+    ("device: cuda", "ppo.device: unknown hyperparameter"),
+    ("gamma: hello", "ppo.gamma: expected a number"),
+    ("batch_size: 3.5", "ppo.batch_size: expected an integer"),
+    ("gamma: .nan", "ppo.gamma: expected a finite number"),
+    ("policy: CnnPolicy", "ppo.policy: expected MlpPolicy"),
+])
+def test_a_bad_hyperparameter_file_is_one_line_naming_file_and_key(
+        tmp_path: Path, line: str, fragment: str) -> None:
+    path = tmp_path / "hp.yaml"
+    path.write_text(f"ppo:\n  n_timesteps: 64\n  n_envs: 1\n  {line}\n")
+    with pytest.raises(ValueError) as err:
+        load_hyperparams("ppo", path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and fragment in msg and "\n" not in msg, msg
+
+
+def test_hyperparameter_file_needs_a_budget(tmp_path: Path) -> None:
+    path = tmp_path / "hp.yaml"
+    path.write_text("ppo:\n  n_envs: 1\n")
+    with pytest.raises(ValueError, match=r"ppo\.n_timesteps: required"):
+        load_hyperparams("ppo", path)

@@ -57,7 +57,7 @@ def _rewrite_zip(zpath: Path, edit: dict[str, bytes | None]) -> None:
             entries.pop(k, None)
         else:
             entries[k] = v
-    with zipfile.ZipFile(zpath, "w") as zf:
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
         for k, v in entries.items():
             zf.writestr(k, v)
 
@@ -126,7 +126,7 @@ def test_pickled_object_in_policy_weights_refused(model: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("fault", ["empty", "truncated", "no-data", "no-policy",
-                                   "policy-corrupt", "data-list", "not-zip"])
+                                   "policy-corrupt", "data-list", "not-zip", "data-bomb"])
 def test_broken_zip_one_line(model: Path, tmp_path: Path, fault: str) -> None:
     z = _copy(model, tmp_path / "m")
     raw = z.read_bytes()
@@ -144,6 +144,9 @@ def test_broken_zip_one_line(model: Path, tmp_path: Path, fault: str) -> None:
         _rewrite_zip(z, {"policy.pth": b"\x00garbage" * 50})
     elif fault == "data-list":
         _rewrite_zip(z, {"data": b"[1, 2]"})
+    elif fault == "data-bomb":  # 32 MiB of spaces: a small file, refused before inflating
+        _rewrite_zip(z, {"data": b" " * (32 << 20)})
+        assert z.stat().st_size < 1 << 20
     with pytest.raises(ModelFileError) as err:
         make_agent("ppo", _env(), seed=0, model_path=z)
     msg = str(err.value)
@@ -242,3 +245,29 @@ def test_train_refuses_folder_output_before_training(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="is a folder"):
         train_sb3("ppo", "machine-resize", tmp_path / "ppo.zip", n_timesteps=10**9,
                   overrides=_TINY)  # would take hours if it trained first
+
+
+def test_sigterm_during_training_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    """`timeout` or a scheduler sends SIGTERM: the command unwinds and cleans up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "train", "--agent", "a2c",
+                             "--steps", "1000000", "--out", str(tmp_path), "--no-progress"],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".train-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(tmp_path.glob(".train-*")), "training never started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert not list(tmp_path.glob(".train-*")) and not list(tmp_path.glob("*.zip"))

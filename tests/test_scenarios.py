@@ -58,6 +58,19 @@ def _mutate(change: str) -> dict:
         d["stages"][0]["kind"] = "quantum"
     elif change == "base_above_memory":
         d["machine"]["base_memory_gib"] = 9
+    elif change == "bool_as_number":
+        d["stages"][0]["max_cpus"] = True  # YAML `true`: not read as 1
+    elif change == "quoted_number":
+        d["stages"][1]["rate_per_cpu"] = "90000"
+    elif change == "event_memory_too_small":
+        d["events"] = [{"at_s": 5, "memory_gib": 1.2}]  # one CPU per stage needs ~1.6 GiB
+    elif change == "field_of_another_section":
+        d["events"] = [{"at_s": 5, "gpu_rate": 5}]
+    elif change == "stage_too_slow":
+        d["stages"][1]["rate_per_cpu"] = 1e-300
+    elif change == "start_does_not_fit":
+        d["machine"]["memory_gib"] = 3.0
+        d["start_allocation"] = [4, 1, 6]  # ~4.4 GiB at worst
     return d
 
 
@@ -73,6 +86,12 @@ def _mutate(change: str) -> dict:
     ("event_empty", "events.0", "must change something"),
     ("unknown_kind", "stages.0.kind", "unknown stage kind 'quantum'"),
     ("base_above_memory", "machine", "base_memory_gib"),
+    ("bool_as_number", "stages.0.max_cpus", "expected a valid integer, not a boolean"),
+    ("quoted_number", "stages.1.rate_per_cpu", "expected a valid number, not a string"),
+    ("event_memory_too_small", "events.0", "after this event every allocation runs out"),
+    ("start_does_not_fit", "start_allocation", "needs up to"),
+    ("field_of_another_section", "events.0.gpu_rate", "belongs in machine"),
+    ("stage_too_slow", "stages.1", "samples per control interval even with max_cpus"),
 ])
 def test_each_fault_names_file_field_and_expectation(tmp_path: Path, change: str, field: str,
                                                      expected: str) -> None:
@@ -122,3 +141,14 @@ def test_cli_bad_file_one_line_exit_2(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "stages.0.rate_per_cpus" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_show_lists_events_in_time_order(tmp_path: Path) -> None:
+    """The per-event oracle follows the simulator's order (by time), not the file's."""
+    d = small_scenario()
+    d["events"] = [{"at_s": 900, "memory_gib": 7.0}, {"at_s": 300, "cpus": 4}]
+    res = CliRunner().invoke(main, ["scenarios", "show", str(_write(tmp_path, d))])
+    assert res.exit_code == 0, res.output
+    events = [ln for ln in res.output.splitlines() if ln.startswith("event ")]
+    assert "at_s=300" in events[0] and "cpus=4" in events[0]
+    assert "at_s=900" in events[1] and "memory_gib=7.0" in events[1]

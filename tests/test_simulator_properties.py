@@ -66,8 +66,10 @@ def test_random_scenarios_and_actions_keep_invariants(scenario: dict, seed: int,
                                                       oversubscribe: bool) -> None:
     try:
         env = InTuneEnv(scenario=scenario)
-    except ScenarioError as err:  # a pipeline whose minimal start cannot fit is refused
-        assert "cannot start" in str(err)
+    except ScenarioError as err:  # refused: one CPU per stage cannot fit, or a dead stage
+        assert any(why in str(err) for why in (
+            "cannot start", "every allocation runs out of memory", "samples per control "
+            "interval even with max_cpus")), str(err)
         assume(False)
     n = env.n_stages
     obs, info = env.reset(seed=seed)

@@ -49,7 +49,7 @@ def scenarios_show(scenario: str) -> None:
                    f"{best.allocation[i]:>8}")
     click.echo(f"oracle: {best.throughput:,.0f} samples/s with {sum(best.allocation)} threads "
                f"on {m.cpus} CPUs, {best.memory_bytes / GIB:.1f} GiB worst case")
-    for ev in sc.events:
+    for ev in sorted(sc.events, key=lambda e: e.at_s):  # in time order, as the simulator
         cond = cond.apply(ev)
         after = oracle(cond)
         change = ", ".join(f"{k}={v}" for k, v in ev.model_dump(exclude_none=True).items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ QLEARNING_DEFAULT_STEPS = 30_000
               help="built-in name or YAML file")
 @click.option("--steps", type=int, default=None,
               help="environment steps (default: n_timesteps of the SB3 YAML; "
-                   f"{QLEARNING_DEFAULT_STEPS:,} for qlearning)")
+                   f"{QLEARNING_DEFAULT_STEPS:,} for qlearning); SB3 trains whole "
+                   "rollouts, so PPO and A2C may train a few more")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="folder for the trained model")
@@ -68,6 +70,9 @@ def train(agent_name: str, scenario: str, steps: int | None, seed: int, out_dir:
             import tensorboard as _tb  # noqa: F401
         except ImportError:
             fail("--tensorboard needs the tensorboard package (pip install 'intune[sb3]')")
+    # SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so the temporary training
+    # folder is removed instead of left next to the model
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         res = train_sb3(registry.SB3_AGENTS[agent_name], sc, model_file, seed=seed,
                         n_timesteps=steps, hyperparams_path=hyperparams,
@@ -75,9 +80,16 @@ def train(agent_name: str, scenario: str, steps: int | None, seed: int, out_dir:
                         progress_bar=progress)
     except ValueError as err:  # bad hyperparameter file
         fail(str(err))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(f"saved {agent_name} model to {res.model_path} ({res.n_timesteps:,} steps "
                f"on {res.scenario}, kept {res.kept}, eval return {res.best_eval_reward:.1f}, "
                f"{res.wall_s:.0f} s)")
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    click.echo("intune: terminated", err=True)
+    raise SystemExit(128 + signum)
 
 
 def _train_qlearning(agent_name: str, sc: Any, steps: int, seed: int, model_file: Path,

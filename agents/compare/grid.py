@@ -8,7 +8,8 @@ A run is keyed twice:
 - its *fingerprint* is a hash of everything that determines the result: the validated
   scenario content, the duration, the agent and its options (a registered factory's
   import path, a given model's bytes, the pretrained Q-table's bytes), the seed, the
-  SB3 budget and hyperparameters, and the package version. A result file is reused only
+  SB3 budget and hyperparameters, the package version and the source of every loaded
+  plugin. A result file is reused only
   if it parses, validates and carries the same fingerprint; otherwise the run is rerun
   and the reason is said.
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import registry
+from agents.plugins import plugins_digest
 from agents.sb3_files import echo_path
 from simulators import builtin_scenarios, load_scenario
 from simulators.fileio import (
@@ -41,6 +43,7 @@ from simulators.fileio import (
     echo,
     loads_json_strict,
     read_text_limited,
+    refuse_folders,
 )
 from simulators.generate import expand_suite
 
@@ -129,9 +132,15 @@ def _pretrained_digest() -> str:
 
 
 def _model_digest(zpath: Path) -> str:
-    """Digest of a given model: the zip and the sidecars next to it."""
-    from agents.sb3_files import model_paths
+    """Digest of a given model: the zip and the sidecars next to it. The zip is checked
+    first (readable, an SB3 archive, sizes within bounds), so a bad file given with
+    ``--models`` is the user's fault found before any run, not a failed run."""
+    from agents.sb3_files import ModelFileError, model_paths, read_model_zip
 
+    try:
+        read_model_zip(zpath)
+    except ModelFileError as err:
+        raise CompareError(f"--models: {err}") from None
     parts = []
     for p in model_paths(zpath):
         parts.append(_file_digest(p) if p.exists() else "-")
@@ -198,6 +207,7 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
               sb3_steps: int | None = None, hyperparams_path: str | None = None,
               trust_model: bool = False) -> list[RunSpec]:
     """All runs of the grid, in (scenario, agent, seed) order, each with its fingerprint."""
+    plugin_code = plugins_digest()
     specs: list[RunSpec] = []
     budgets: dict[str, int] = {}
     hparams: dict[str, dict[str, Any]] = {}
@@ -222,9 +232,12 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
                 model, train = None, None
                 if agent in registry.SB3_AGENTS:
                     budget = sb3_steps if sb3_steps is not None else budgets[agent]
-                    train_fp = fingerprint({"scenario": data, "agent": agent, "seed": seed,
-                                            "steps": budget, "hyperparams": hparams[agent],
-                                            "version": version, "format": RUN_FORMAT})
+                    train_in = {"scenario": data, "agent": agent, "seed": seed,
+                                "steps": budget, "hyperparams": hparams[agent],
+                                "version": version, "format": RUN_FORMAT}
+                    if plugin_code:
+                        train_in["plugins"] = plugin_code
+                    train_fp = fingerprint(train_in)
                     model, may_train = _model_for(agent, sc_name, seed, out, models_dir,
                                                   train_fp)
                     if may_train:
@@ -233,9 +246,12 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
                                     "hyperparams": hparams[agent]}
                     else:
                         agent_id = {**agent_id, "model": _model_digest(Path(model))}
-                fp = fingerprint({"format": RUN_FORMAT, "version": version, "scenario": data,
-                                  "duration_s": float(duration_s), "agent": agent_id,
-                                  "seed": int(seed)})
+                payload = {"format": RUN_FORMAT, "version": version, "scenario": data,
+                           "duration_s": float(duration_s), "agent": agent_id,
+                           "seed": int(seed)}
+                if plugin_code:  # only with plugins, so other fingerprints stay as they were
+                    payload["plugins"] = plugin_code
+                fp = fingerprint(payload)
                 specs.append(RunSpec(sc_name, data, agent, int(seed), float(duration_s),
                                      model, train, hyperparams_path, factory, fp,
                                      trust_model))
@@ -291,6 +307,11 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {echo_path(out)}: is a file; expected a folder (it is "
                            f"created if missing)")
+    try:  # the reports are written after every run: refuse a folder in their place now
+        refuse_folders([out / name for name in ("runs.csv", "summary.md", "summary.json")])
+    except IsADirectoryError as err:
+        raise CompareError(f"--out {echo_path(out)}: {echo_path(err.filename)} is a folder; "
+                           f"expected a file (compare writes it)") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "runs").mkdir(exist_ok=True)
