@@ -34,6 +34,7 @@ import math
 import pickle
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -639,7 +640,13 @@ class SB3Agent(Agent):
         custom = None if trust_model else safe_custom_objects(data, ALGOS[chosen], spaces,
                                                               where)
         try:
-            model = ALGOS[chosen].load(io.BytesIO(raw), device="cpu", custom_objects=custom)
+            with warnings.catch_warnings():
+                # torch warns about a refused file's pickle protocol before refusing it;
+                # the refusal below is the one line the user gets
+                warnings.filterwarnings("ignore", message=".*pickle protocol",
+                                        category=UserWarning)
+                model = ALGOS[chosen].load(io.BytesIO(raw), device="cpu",
+                                           custom_objects=custom)
         except pickle.UnpicklingError:
             raise ModelFileError(f"{where}: the weights hold objects other than tensors; "
                                  f"refused (torch.load weights_only)") from None

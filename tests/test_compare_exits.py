@@ -135,3 +135,11 @@ def test_a_given_model_that_is_not_a_model_is_refused_before_any_run(tmp_path: P
     assert res.exit_code == 2, res.output
     assert "seed0.zip: not a readable zip archive" in res.output
     assert not (tmp_path / "out" / "runs.csv").exists()
+
+
+def test_a_refused_command_leaves_no_output_folder(tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    res = CliRunner().invoke(main, ["compare", "--scenarios", "dlrm-criteo", "--agents",
+                                    "nosuch", "--seeds", "1", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown agent 'nosuch'" in res.output
+    assert not out.exists()

@@ -17,7 +17,6 @@ from agents.cli.common import (
     trust_kwargs,
     trust_model_option,
     warn_late_events,
-    writable_dir,
 )
 from agents.compare import DEFAULT_AGENTS, CompareError, run_compare
 from simulators import ScenarioError, builtin_scenarios, load_scenario
@@ -76,7 +75,8 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
         fail(f"--models {show_path(models_dir)}: is a file; expected a folder")
     if address is not None and executor != "ray":
         fail("--address only makes sense with --executor ray")
-    writable_dir(out_dir)
+    # --out is created by run_compare once the agents, seeds and scenarios are known to be
+    # good, so a refused command leaves no empty folder behind
     _warn_late(scenarios, duration_s)
     try:
         res = run_compare(scenarios, agents, seeds, out_dir, duration_s=duration_s, jobs=jobs,
@@ -92,7 +92,8 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
                if (res.out / n.rstrip("/")).exists()]
     click.echo(f"{len(res.ran)} runs done, {len(res.skipped)} reused, {len(res.failed)} failed; "
                f"wrote {', '.join(outputs)} in {res.out}")
-    if res.failed:
-        for key, err in res.failed.items():
-            click.echo(f"intune: run {key} failed: {err}", err=True)
+    if res.failed:  # each failure was logged as it happened; one closing line
+        click.echo(f"intune: {len(res.failed)} run(s) failed (errors above: "
+                   f"{', '.join(list(res.failed)[:3])}{' ...' if len(res.failed) > 3 else ''});"
+                   f" rerun the same command to retry them", err=True)
         sys.exit(1)
