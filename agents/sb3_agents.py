@@ -165,10 +165,8 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
             ok, expected = True, ""
         if not ok:
             raise ValueError(f"{at}: expected {expected}, got {echo(repr(value))}")
-        if key == "learning_rate" and (isinstance(value, bool) or
-                                       not isinstance(value, int | float) or value <= 0):
-            raise ValueError(f"{at}: expected a positive number (schedules cannot be given "
-                             f"in a file), got {echo(repr(value))}")
+        if key == "learning_rate" and value <= 0:  # a number by now (its default is)
+            raise ValueError(f"{at}: expected a positive number, got {echo(repr(value))}")
     if "n_timesteps" not in hp:
         raise ValueError(f"{where}.n_timesteps: required (the training budget in env steps)")
     for key, lo, hi in (("n_timesteps", 1, 10**9), ("compare_n_timesteps", 1, 10**9),

@@ -9,9 +9,8 @@ A run is keyed twice:
   scenario content, the duration, the agent and its options (a registered factory's
   import path, a given model's bytes, the pretrained Q-table's bytes), the seed, the
   SB3 budget and hyperparameters, the package version and the source of every loaded
-  plugin. A result file is reused only
-  if it parses, validates and carries the same fingerprint; otherwise the run is rerun
-  and the reason is said.
+  plugin. A result file is reused only if it parses, validates and carries the same
+  fingerprint; otherwise the run is rerun and the reason is said.
 
 SB3 models a run trains are cached under ``OUT/models/<scenario>/<agent>/`` in a file
 named by the fingerprint of their training inputs, so a changed budget or scenario
