@@ -56,7 +56,9 @@ with no stage above its current CPUs (time-sliced workers can beat every split: 
 fractional CPUs per stage). It sheds towards the split if that is at least as good;
 otherwise it releases one CPU per step towards the plan while the plan beats the current
 allocation by more than ``slack_margin``, and else does nothing. Until the overhead has
-been measured it sheds until the allocation fits. Known limit: capacity is extrapolated
+been measured it sheds until the allocation fits. A saturated bottleneck at its mark is
+tested first, by one release (the planner would value the lost thread linearly and never
+test it). Known limit: capacity is extrapolated
 linearly from the current per-CPU rate, so a stage whose per-thread rate rises as threads
 are released (contention) is undervalued with fewer threads, and the agent may keep more
 time-sliced threads than the best allocation has.
@@ -70,6 +72,9 @@ the context-switch overhead is measured, one thread is valued with a cautious pr
 from the other stages' rates, and from then on one planner decides both adding and
 shedding threads (adding needs twice the margin and no release in the last
 ``MEMORY_STEPS`` steps, so the two never alternate). These moves are plans, not learnt.
+If the thread would pay but the bottleneck's worker memory is unknown and its bound does
+not fit, the agent probes it first (no CPU is free, so no ``give`` would ever come to
+probe it).
 """
 
 from __future__ import annotations
@@ -359,15 +364,19 @@ class QLearningAgent(Agent):
         f_m = 2 if critical else (0 if fits or f_c != 0 else 1)
         feats = (f_b, f_c, int(slack), f_m)
         shed = False
+        # releasing the bottleneck at its mark goes below it: a test (above it: spare)
+        at_mark = (take_stage == b and not gpu_bound and bool(sat_b)
+                   and not est.floor_found[b] and alloc[b] == sat_b)
         if f_c == 2 and take_stage >= 0:
-            shed, take_stage = self._shed_move(alloc, take_stage, info, worst)
+            # Oversubscribed: the planner values a release below the mark as linear, so
+            # it would never test the plateau; the test comes first.
+            shed, take_stage = (True, b) if at_mark else self._shed_move(
+                alloc, take_stage, info, worst)
         take_bytes = 0.0
         if take_stage >= 0 and est.worker_bytes[take_stage] is not None:
             take_bytes = est.worker_bytes[take_stage] + (
                 est.buffer_per_cpu[take_stage] or 0.0) * elem[take_stage]
-        # releasing the bottleneck at its mark goes below it: a test (above it: spare)
-        plateau_test = (take_stage == b and not gpu_bound and not shed and bool(sat_b)
-                        and not est.floor_found[b] and alloc[b] == sat_b)
+        plateau_test = at_mark and take_stage == b
         valid = np.zeros(N_ACTIONS, dtype=bool)
         valid[NOOP] = True
         valid[GIVE] = f_b == 1 and free > 0 and fits and not critical
@@ -459,7 +468,7 @@ class QLearningAgent(Agent):
 
         return objective, best
 
-    def _slice_pays(self, p: Perception, info: dict[str, Any]) -> bool:
+    def _slice_pays(self, p: Perception, info: dict[str, Any], memory: bool = True) -> bool:
         """Would one more (time-sliced) thread for the bottleneck raise the objective?
 
         Values the current allocation and the one with the bottleneck's extra thread with
@@ -468,7 +477,8 @@ class QLearningAgent(Agent):
         gain must exceed ``slack_margin`` (relative) after the memory term. Once a thread
         beyond the machine is added, the estimator measures the overhead from the change
         of the other stages' rates, and the shedding plan (:meth:`_shed_move`) undoes
-        the move if the measured share says it does not pay.
+        the move if the measured share says it does not pay. ``memory=False`` leaves the
+        memory term out (asked before the thread's memory is measured, see :meth:`act`).
         """
         est = self._est
         alloc = list(p.allocation)
@@ -501,7 +511,7 @@ class QLearningAgent(Agent):
         more = alloc.copy()
         more[b] += 1
         x_now = value(alloc)
-        gain = value(more) - x_now - self.memory_weight * p.give_bytes / capacity
+        gain = value(more) - x_now - memory * self.memory_weight * p.give_bytes / capacity
         return gain > self.slack_margin * x_now
 
     # --- Agent API -----------------------------------------------------------------
@@ -539,6 +549,12 @@ class QLearningAgent(Agent):
             self.slice_gives += 1
             self._last = None
             return Allocation(alloc)
+        elif (self.time_slicing and p.features[1] >= 1 and p.probe and not p.critical
+              and self._slice_pays(p, info, memory=False)):
+            # A time-sliced thread would pay, but the bottleneck's per-worker memory is
+            # unknown and its upper bound does not fit: with no CPU free a give never
+            # comes to measure it (below), so measure it now (not learnt from).
+            a, learnable = GIVE, False
         elif p.features[1] == 2:
             # Oversubscribed (the machine shrank): no CPU can be given back, so a release
             # is never explored; shed a CPU only while the model says it pays (see

@@ -23,7 +23,12 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   over recent samples; if the slope stays under a quarter of the per-CPU rate (judged
   only with enough statistical power, confirmed twice so a rate drift is not taken for
   it), the stage is marked saturated, its plateau counts as spare CPUs, and the mark is
-  moved down while releasing CPUs does not lower the capacity.
+  moved down while releasing CPUs does not lower the capacity. The mark is placed from
+  the fewest CPUs either finding measured (within the noise of their per-CPU rate), so a
+  cap a single CPU reaches is not held at the CPU count where it was found; releases
+  down to it are checked against the plateau on the way. While time-sliced, small but
+  significant gains do not count as contention: the share model's error alone makes
+  them, and they never pay for the share a thread takes from every stage.
 
 
 Read next: :mod:`agents.qlearning` (state abstraction, Q-learning, shield) and
@@ -68,6 +73,11 @@ class Estimator:
         self.saturated_age = [0] * n
         self.pending = [False] * n  # a CPU was added: judge it once enough samples exist
         self.suspect = [0] * n  # step of a judgement that found no gain (0: none)
+        # (fewest CPUs, capacity per CPU there, its samples) in that first judgement's window
+        self.suspect_low: list[tuple[int, float, int]] = [(0, 0.0, 0)] * n
+        # fewest CPUs at which the plateau was measured (the mark may be set lower, from
+        # the per-CPU rate at fewer CPUs; releases in between are checked on the way)
+        self.plateau_low = [0] * n
         self.plateau_n = [1] * n  # samples the plateau was measured with
         # the lower end of the plateau was found (a release below the mark lost capacity):
         # the mark is then a floor, not a spare CPU
@@ -76,6 +86,7 @@ class Estimator:
         self.prev_static: float | None = None
         self.prev_bufcap: list[int] | None = None
         self.prev_cpus: int | None = None
+        self.oversubscribed = False  # more threads than CPUs at the last update
         # time-slicing overhead, fitted after a resize (None: never measured)
         self.overhead: float | None = None
         # per oversubscription level x: [sum of measured shares, count] (see _fit_overhead)
@@ -192,6 +203,7 @@ class Estimator:
                 db = (bufcap[i] - self.prev_bufcap[i]) / delta
                 if db >= 0:
                     self.buffer_per_cpu[i] = db
+        self.oversubscribed = sum(alloc) > cpus_total
         for i in range(self.n):
             self._check_saturation(i, alloc[i])
             self._extend_plateau(i, alloc[i])
@@ -214,9 +226,10 @@ class Estimator:
         bandwidth cap) if the slope is under a quarter of the stage's per-CPU rate.
         Judged only when the per-CPU rate stands 4 standard errors of the slope above
         zero, so noise and contention do not trigger it, and only on the second such
-        finding in a row (the first may be a rate drift that happened among the
-        samples; they are then dropped). The saturation point is where the per-CPU
-        rate at the fewest CPUs measured would reach today's capacity.
+        finding in a row (the first may be a rate drift that happened among
+        the samples; they are then dropped). The saturation point is where the per-CPU
+        rate at the fewest CPUs measured (in either finding's window) would reach the
+        plateau, within the noise of that rate.
         """
         hist = self.history[i]
         while hist and self.step - hist[0][0] > self.MEMORY_STEPS:
@@ -233,25 +246,45 @@ class Estimator:
         se = math.sqrt(float(np.sum(resid**2)) / (len(hist) - 2) / sxx)
         k0 = int(ks.min())
         per_cpu = float(caps[ks == k0].mean()) / k0
+        n0 = int(np.sum(ks == k0))
         if per_cpu <= 4 * se:
             return  # not enough evidence yet; keep collecting
         self.pending[i] = False
         # Not saturated if a CPU's gain is large, or significantly above zero (strong
-        # contention: small but real gains, which a bandwidth cap never shows).
-        if slope >= 0.25 * per_cpu or slope - 2 * se > 0:
+        # contention: small but real gains, which a bandwidth cap never shows). Not the
+        # latter while time-sliced: the share model's error alone tilts the slope, and a
+        # small gain never pays for the share a thread takes from every stage.
+        if slope >= 0.25 * per_cpu or (slope - 2 * se > 0 and not self.oversubscribed):
             self.suspect[i] = 0
             return
         if not self.suspect[i] or self.step - self.suspect[i] > self.MEMORY_STEPS:
             self.suspect[i] = self.step
+            self.suspect_low[i] = (k0, per_cpu, n0)
             self.history[i] = [h for h in hist if h[1] == k]
             return
         plateau = float(caps[ks == ks.max()].mean())
-        self.saturated_at[i] = max(k0, min(k, math.ceil(plateau / per_cpu)))
+        self.plateau_low[i] = self._mark(i, k, k0, per_cpu, n0, plateau)
+        # The first judgement's window (dropped since) may reach fewer CPUs: both found
+        # no gain, so its per-CPU rate there places the mark, which the releases down to
+        # it then check (see _extend_plateau).
+        low_k, low_rate, low_n = self.suspect_low[i]
+        if 0 < low_k < k0:
+            k0, per_cpu, n0 = low_k, low_rate, low_n
+        self.saturated_at[i] = self._mark(i, k, k0, per_cpu, n0, plateau)
         self.plateau[i] = plateau
         self.plateau_n[i] = int(np.sum(ks == ks.max()))
         self.floor_found[i] = False
         self.saturated_age[i] = 0
         self.suspect[i] = 0
+
+    def _mark(self, i: int, k: int, k0: int, per_cpu: float, n0: int, plateau: float) -> int:
+        """Fewest CPUs (from ``k0`` to ``k``) at which ``per_cpu`` reaches the plateau.
+
+        Within two standard errors of the per-CPU rate (measured ``n0`` times): a mean a
+        little under the plateau is noise, not a reason to hold one more CPU.
+        """
+        rel_se = math.sqrt(self.noise_var[i] / max(1, n0))
+        return max(k0, min(k, math.ceil(plateau / per_cpu / (1 + 2 * rel_se))))
 
     def _extend_plateau(self, i: int, k: int) -> None:
         """A saturated stage released below its mark: is it still on the plateau?
@@ -266,7 +299,7 @@ class Estimator:
         sat = self.saturated_at[i]
         if not sat:
             return
-        if k >= sat:
+        if k >= max(sat, self.plateau_low[i]):
             # On the plateau: every sample refines it (a running mean), so the test
             # below gets tighter the longer the stage is held there.
             last = self.history[i][-1] if self.history[i] else None
@@ -280,7 +313,8 @@ class Estimator:
         mean = float(np.mean(samples))
         se = math.sqrt(self.noise_var[i] * (1 / len(samples) + 1 / self.plateau_n[i]))
         if mean >= self.plateau[i] * (1 - 2 * se):
-            self.saturated_at[i] = k
+            self.saturated_at[i] = min(sat, k)
+            self.plateau_low[i] = k
         else:
             self.saturated_at[i] = k + 1  # the plateau starts above k
             self.floor_found[i] = True

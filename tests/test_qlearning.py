@@ -549,3 +549,85 @@ def test_a_release_above_the_plateau_mark_is_learnt_from() -> None:
     agent.observe(np.zeros(1), action, 0.0, np.zeros(1), _info([3, 1], 5 * GIB,
                   [100.0, 1000.0], cpus=8), False, False)
     assert agent.visits[p.state, ql.TAKE] == 1
+
+
+# --- round 4: where a cap's plateau starts, time-sliced judgements, probes, tests -------------
+def _capped(est: ql.Estimator, k: int, steps: int, cap: float, cpus: int = 8) -> None:
+    """``steps`` updates with stage 0 on ``k`` CPUs delivering ``cap`` in all (a bandwidth cap)."""
+    for _ in range(steps):
+        est.update(_info([k, 1], 5 * GIB, [cap / k, 1000.0], cpus=cpus))
+
+
+def test_the_mark_comes_from_the_fewest_cpus_either_finding_measured() -> None:
+    # A cap reached with one CPU, found only after CPUs were added one by one: the first
+    # finding drops its window, the second alone would place the mark at 3 or more.
+    est = ql.Estimator(0.3)
+    est.start(_info([1, 1], 5 * GIB, [100.0, 1000.0]))
+    for k in (1, 2, 3, 4):
+        _capped(est, k, 6, 100.0)
+        if est.saturated_at[0]:
+            break
+    assert est.saturated_at[0] == 1
+    assert est.plateau_low[0] > 1  # the plateau itself was measured higher up
+
+
+def test_releases_between_the_mark_and_the_measured_plateau_are_checked() -> None:
+    est = ql.Estimator(0.3)
+    est.start(_info([3, 1], 5 * GIB, [100.0, 1000.0]))
+    est.saturated_at[0], est.plateau_low[0] = 1, 3
+    est.plateau[0], est.plateau_n[0] = 300.0, 10
+    _capped(est, 2, 4, 200.0)  # two CPUs deliver less: the plateau does not reach 2
+    assert est.saturated_at[0] == 3 and est.floor_found[0]
+    est = ql.Estimator(0.3)
+    est.start(_info([3, 1], 5 * GIB, [100.0, 1000.0]))
+    est.saturated_at[0], est.plateau_low[0] = 1, 3
+    est.plateau[0], est.plateau_n[0] = 300.0, 10
+    _capped(est, 2, 4, 300.0)  # it does: confirmed one CPU further down
+    assert est.saturated_at[0] == 1 and est.plateau_low[0] == 2 and not est.floor_found[0]
+
+
+def _small_gains(cpus: int) -> ql.Estimator:
+    """Stage 0 gains 2% of a CPU's rate per added thread (contention or share error)."""
+    est = ql.Estimator(0.3)
+    est.start(_info([1, 1], 5 * GIB, [100.0, 1000.0], cpus=cpus))
+    for k in (1, 2, 3, 4):
+        for t in range(8):
+            alloc = [k, 1]
+            share = ql.time_share(alloc, cpus)
+            cap = 100.0 + 2.0 * (k - 1) + (0.2 if t % 2 else -0.2)
+            est.update(_info(alloc, 5 * GIB, [cap / k, 1000.0], cpus=cpus, share=share))
+    return est
+
+
+def test_small_significant_gains_are_contention_only_with_dedicated_cpus() -> None:
+    assert _small_gains(cpus=8).saturated_at[0] == 0  # dedicated CPUs: strong contention
+    # Time-sliced, a small gain never pays for the share each thread takes: saturated.
+    assert _small_gains(cpus=2).saturated_at[0] > 0
+
+
+def test_probes_unknown_worker_memory_when_a_time_sliced_thread_would_pay() -> None:
+    # No CPU free, stage 0 the bottleneck (100 vs 1000 samples/s a CPU), its worker's
+    # memory unknown and its upper bound far above what is left: without a probe it
+    # would never be measured, and the thread never added.
+    agent = QLearningAgent(seed=0, epsilon=(0.0, 0.0, 1))
+    info = _info([2, 2], 9.5 * GIB, [100.0, 1000.0], cpus=4)
+    agent.reset(np.zeros(1), info)
+    p = agent._perceive(info)
+    assert p.features[1] == 1 and p.probe and not p.give_fits
+    assert agent._slice_pays(p, info, memory=False)
+    assert agent.act(np.zeros(1), info) == common.encode_action(0, -1, 2)
+    assert agent.probes == 1
+
+
+def test_time_sliced_bottleneck_at_its_mark_is_tested_by_a_release() -> None:
+    agent = QLearningAgent(seed=0, epsilon=(0.0, 0.0, 1))
+    # stage 1 has no slack (one CPU fewer would make it the bottleneck)
+    info = _info([3, 2], 5 * GIB, [100.0, 160.0], cpus=4, share=ql.time_share([3, 2], 4))
+    agent.reset(np.zeros(1), info)
+    for _ in range(3):
+        agent._est.update(info)
+    agent._est.overhead = 0.0
+    agent._est.saturated_at[0], agent._est.plateau[0] = 3, 300.0
+    p = agent._perceive(info)
+    assert p.features[1] == 2 and p.shed and p.take_stage == 0 and p.plateau_test
+    assert agent.act(np.zeros(1), info) == common.encode_action(0, -1, 2)
