@@ -22,13 +22,14 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
 - saturation (a bandwidth cap): a least-squares fit of measured capacity against CPUs
   over recent samples; if the slope stays under a quarter of the per-CPU rate (judged
   only with enough statistical power, confirmed twice so a rate drift is not taken for
-  it), the stage is marked saturated, its plateau counts as spare CPUs, and the mark is
-  moved down while releasing CPUs does not lower the capacity. The mark is placed from
-  the fewest CPUs either finding measured (within the noise of their per-CPU rate), so a
-  cap a single CPU reaches is not held at the CPU count where it was found; releases
-  down to it are checked against the plateau on the way. While time-sliced, small but
-  significant gains do not count as contention: the share model's error alone makes
-  them, and they never pay for the share a thread takes from every stage.
+  it, once while time-sliced), the stage is marked saturated, its plateau counts as
+  spare CPUs, and the mark is moved down while releasing CPUs does not lower the
+  capacity. The mark is placed from the fewest CPUs either finding measured (within the
+  noise of their per-CPU rate), so a cap a single CPU reaches is not held at the CPU
+  count where it was found; releases down to it are checked against the plateau on the
+  way. While time-sliced, small but significant gains do not count as contention: the
+  share model's error alone makes them, and they never pay for the share a thread takes
+  from every stage.
 
 
 Read next: :mod:`agents.qlearning` (state abstraction, Q-learning, shield) and
@@ -227,9 +228,11 @@ class Estimator:
         Judged only when the per-CPU rate stands 4 standard errors of the slope above
         zero, so noise and contention do not trigger it, and only on the second such
         finding in a row (the first may be a rate drift that happened among
-        the samples; they are then dropped). The saturation point is where the per-CPU
-        rate at the fewest CPUs measured (in either finding's window) would reach the
-        plateau, within the noise of that rate.
+        the samples; they are then dropped). While time-sliced the first finding marks
+        it: each useless thread taxes every stage, and the next thread may come only
+        after the first finding expired (the release test below the mark checks it).
+        The saturation point is where the per-CPU rate at the fewest CPUs measured (in
+        either finding's window) would reach the plateau, within the noise of that rate.
         """
         hist = self.history[i]
         while hist and self.step - hist[0][0] > self.MEMORY_STEPS:
@@ -257,7 +260,8 @@ class Estimator:
         if slope >= 0.25 * per_cpu or (slope - 2 * se > 0 and not self.oversubscribed):
             self.suspect[i] = 0
             return
-        if not self.suspect[i] or self.step - self.suspect[i] > self.MEMORY_STEPS:
+        first = not self.suspect[i] or self.step - self.suspect[i] > self.MEMORY_STEPS
+        if first and not self.oversubscribed:
             self.suspect[i] = self.step
             self.suspect_low[i] = (k0, per_cpu, n0)
             self.history[i] = [h for h in hist if h[1] == k]
