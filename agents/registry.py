@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from typing import Any
 import gymnasium as gym
 
 from agents.base import Agent
+from agents.plugins import PluginError
+from agents.sb3_files import ModelFileError
+from simulators import ScenarioError
+from simulators.fileio import InputFileError
 
 
 class UnknownAgentError(ValueError):
@@ -35,6 +40,14 @@ class UnknownAgentError(ValueError):
 
 class AgentUnavailableError(ValueError):
     """The agent is registered but cannot be built here (missing module, model, package)."""
+
+
+#: Exceptions that are a user's fault wherever they surface (a command's boundary, or a
+#: run of ``intune compare``): a bad scenario, file (hyperparameters, model), plugin or
+#: agent name. The command line prints them as one line and exits 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ScenarioError, InputFileError, ModelFileError, PluginError, UnknownAgentError,
+    AgentUnavailableError, FileNotFoundError, zipfile.BadZipFile)
 
 
 #: Stable-Baselines3 algorithms (registry name -> algorithm key of ``sb3.yaml``).

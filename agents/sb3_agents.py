@@ -34,16 +34,18 @@ import math
 import pickle
 import tempfile
 import time
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 import yaml
+from pydantic import ConfigDict, Field, StrictInt, ValidationError, field_validator
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
 from sb3_contrib.common.wrappers import ActionMasker
@@ -77,6 +79,7 @@ from simulators.fileio import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from simulators.scenario import StrictModel
 
 #: The YAML file shipped with the package.
 HYPERPARAMS_PATH = Path(__file__).parent / "hyperparams" / "sb3.yaml"
@@ -105,22 +108,115 @@ def canonical_algo(name: str) -> str:
 def load_hyperparams(algo: str, path: str | Path | None = None) -> dict[str, Any]:
     """The YAML mapping of ``algo`` (a copy), from ``path`` or the shipped file.
 
-    Raises ``ValueError`` with one line if the file is unreadable or lacks ``algo``.
+    Raises :class:`HyperparamError` (a ``ValueError``) with one line if the file is
+    unreadable, lacks ``algo`` or holds a bad key or value.
     """
     algo = canonical_algo(algo)
     p = Path(path) if path is not None else HYPERPARAMS_PATH
     try:
         data = yaml.safe_load(read_text_limited(p, what="hyperparameter file"))
     except InputFileError as err:
-        raise ValueError(str(err)) from None
+        raise HyperparamError(str(err)) from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{p}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        why = echo(getattr(err, "problem", None) or err)
+        raise HyperparamError(f"{echo_path(p)}: invalid YAML ({why})") from None
     if not isinstance(data, dict) or not isinstance(data.get(algo), dict):
-        raise ValueError(f"{p}: no mapping for algorithm {algo!r} (expected a top-level "
-                         f"key {algo}: with n_timesteps, policy, ...)")
+        raise HyperparamError(f"{echo_path(p)}: no mapping for algorithm {algo!r} (expected "
+                              f"a top-level key {algo}: with n_timesteps, policy, ...)")
     hp = dict(data[algo])
-    check_hyperparams(algo, hp, f"{echo(str(p))}: {algo}")
+    check_hyperparams(algo, hp, f"{echo_path(p)}: {algo}")
     return hp
+
+
+class HyperparamError(InputFileError):
+    """A hyperparameter file (or override) with a bad key or value; one line naming the
+    file and the key. A user's fault wherever it surfaces (also inside a compare run)."""
+
+
+_Fraction = Annotated[float, Field(ge=0, le=1)]
+_Count = Annotated[StrictInt, Field(ge=1)]
+
+
+class HyperparamRanges(StrictModel):
+    """The valid range of every common PPO, A2C and DQN hyperparameter (SB3's meanings).
+
+    Keys a file leaves out are not checked (SB3's defaults are valid); keys of one
+    algorithm that another does not take are refused before (unknown hyperparameter).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    learning_rate: float = Field(default=3e-4, gt=0)
+    gamma: float = Field(default=0.99, gt=0, le=1)
+    gae_lambda: _Fraction = 0.95
+    tau: float = Field(default=1.0, gt=0, le=1)
+    exploration_fraction: _Fraction = 0.1
+    exploration_initial_eps: _Fraction = 1.0
+    exploration_final_eps: _Fraction = 0.05
+    clip_range: float = Field(default=0.2, gt=0)
+    clip_range_vf: float | None = Field(default=None, gt=0)
+    target_kl: float | None = Field(default=None, gt=0)
+    ent_coef: float = Field(default=0.0, ge=0)
+    vf_coef: float = Field(default=0.5, ge=0)
+    max_grad_norm: float = Field(default=0.5, gt=0)
+    rms_prop_eps: float = Field(default=1e-5, gt=0)
+    n_steps: _Count = 1
+    batch_size: _Count = 64
+    n_epochs: _Count = 10
+    buffer_size: _Count = 1
+    target_update_interval: _Count = 1
+    stats_window_size: _Count = 100
+    learning_starts: StrictInt = Field(default=0, ge=0)
+    # a description is the expected value in words, where the bounds alone do not tell
+    train_freq: StrictInt = Field(default=4, ge=1,
+                                  description="an integer >= 1 or [n, 'step' | 'episode']")
+    gradient_steps: StrictInt = Field(
+        default=1, ge=-1, description="-1 (as many as steps collected) or an integer >= 1")
+
+    @field_validator("train_freq", mode="before")
+    @classmethod
+    def _train_freq_unit(cls, v: Any) -> Any:
+        # SB3 also takes [n, "step" | "episode"]: the count is checked like an int
+        if isinstance(v, list | tuple):
+            if len(v) != 2 or v[1] not in ("step", "episode"):
+                raise ValueError("not [n, unit]")
+            return v[0]
+        return v
+
+    @field_validator("gradient_steps")
+    @classmethod
+    def _not_zero(cls, v: int) -> int:
+        if v == 0:  # SB3 then never trains
+            raise ValueError("0")
+        return v
+
+
+def _expected(key: str) -> str:
+    """``"a number in (0, 1]"``, ``"an integer >= 1"``...: the range of ``key`` in words."""
+    field = HyperparamRanges.model_fields[key]
+    if field.description:
+        return field.description
+    kind = "a number" if float in (typing.get_args(field.annotation) or (field.annotation,)) \
+        else "an integer"
+    low = next((("(", m.gt) for m in field.metadata if hasattr(m, "gt")), None) or \
+        next((("[", m.ge) for m in field.metadata if hasattr(m, "ge")), None)
+    high = next(((m.le, "]") for m in field.metadata if hasattr(m, "le")), None)
+    if low and high:
+        return f"{kind} in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
+    if low:
+        return f"{kind} {'>' if low[0] == '(' else '>='} {low[1]:g}"
+    return kind
+
+
+def check_ranges(hp: dict[str, Any], where: str) -> None:
+    """:class:`HyperparamError` naming ``where.KEY`` and its range for the first value of
+    ``hp`` outside :class:`HyperparamRanges`."""
+    try:
+        HyperparamRanges.model_validate(hp)
+    except ValidationError as err:
+        key = str(err.errors()[0]["loc"][0])
+        raise HyperparamError(f"{where}.{echo(key)}: expected {_expected(key)}, got "
+                              f"{echo(repr(hp[key]))}") from None
 
 
 #: Constructor arguments train_sb3 sets itself (a file may not).
@@ -145,13 +241,15 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
         at = f"{where}.{echo(str(key))}"
         if key not in allowed:
             near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            raise ValueError(f"{at}: unknown hyperparameter"
+            raise HyperparamError(f"{at}: unknown hyperparameter"
                              + (f"; did you mean {near[0]!r}?" if near else
                                 f" (not an argument of {ALGOS[algo].__name__})"))
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{at}: expected a finite number, got {value!r}")
-        # the constructor's default tells the type (SB3 checks few of them itself)
-        default = params[key].default if key in params else None
+            raise HyperparamError(f"{at}: expected a finite number, got {value!r}")
+        # the constructor's default tells the type (SB3 checks few of them itself); the
+        # range table types its own keys
+        default = params[key].default if key in params and \
+            key not in HyperparamRanges.model_fields else None
         if isinstance(default, bool):
             ok, expected = isinstance(value, bool), "true or false"
         elif isinstance(default, int):  # a count (DQN's train_freq may also be [n, unit])
@@ -164,29 +262,32 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
         else:
             ok, expected = True, ""
         if not ok:
-            raise ValueError(f"{at}: expected {expected}, got {echo(repr(value))}")
-        if key == "learning_rate" and value <= 0:  # a number by now (its default is)
-            raise ValueError(f"{at}: expected a positive number, got {echo(repr(value))}")
+            raise HyperparamError(f"{at}: expected {expected}, got {echo(repr(value))}")
+    check_ranges(hp, where)
     if "n_timesteps" not in hp:
-        raise ValueError(f"{where}.n_timesteps: required (the training budget in env steps)")
+        raise HyperparamError(f"{where}.n_timesteps: required (the training budget in env steps)")
     for key, lo, hi in (("n_timesteps", 1, 10**9), ("compare_n_timesteps", 1, 10**9),
                         ("n_envs", 1, MAX_N_ENVS), ("n_evaluations", 1, 10**4),
                         ("n_eval_episodes", 1, 10**4)):
         v = hp.get(key, lo)
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"{where}.{key}: expected an integer from {lo} to {hi:,}, got "
+            raise HyperparamError(f"{where}.{key}: expected an integer from {lo} to {hi:,}, got "
                              f"{echo(repr(v))}")
     if hp.get("policy", "MlpPolicy") != "MlpPolicy":
-        raise ValueError(f"{where}.policy: expected MlpPolicy (observations are one vector), "
+        raise HyperparamError(f"{where}.policy: expected MlpPolicy (observations are one vector), "
                          f"got {echo(repr(hp['policy']))}")
     pk = hp.get("policy_kwargs")
     if pk is not None:
         if not isinstance(pk, dict):
-            raise ValueError(f"{where}.policy_kwargs: expected a mapping")
+            raise HyperparamError(f"{where}.policy_kwargs: expected a mapping")
         for key in pk:
             if key not in _POLICY_KWARGS:
-                raise ValueError(f"{where}.policy_kwargs.{echo(str(key))}: not settable from a "
-                                 f"file; expected one of {', '.join(_POLICY_KWARGS)}")
+                raise HyperparamError(f"{where}.policy_kwargs.{echo(str(key))}: not settable "
+                                      f"from a file; expected one of {', '.join(_POLICY_KWARGS)}")
+        act = pk.get("activation_fn", "tanh")
+        if not isinstance(act, str) or act.lower() not in _ACTIVATIONS:
+            raise HyperparamError(f"{where}.policy_kwargs.activation_fn: expected one of "
+                                  f"{', '.join(_ACTIVATIONS)}, got {echo(repr(act))}")
 
 
 def _mask_fn(env: gym.Env) -> np.ndarray:
@@ -400,7 +501,7 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
 
     algo = canonical_algo(algo)
     hp = load_hyperparams(algo, hyperparams_path)
-    where = f"{echo(str(hyperparams_path or HYPERPARAMS_PATH))}: {algo}"
+    where = f"{echo_path(hyperparams_path or HYPERPARAMS_PATH)}: {algo}"
     if overrides:
         hp.update(overrides)
         check_hyperparams(algo, hp, where)
@@ -438,7 +539,7 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
         # a value SB3 itself refuses (a wrong type, gamma above 1, a bad net_arch)
         train_env.close()
         eval_env.close()
-        raise ValueError(f"{where}: {ALGOS[algo].__name__} refused the hyperparameters: "
+        raise HyperparamError(f"{where}: {ALGOS[algo].__name__} refused the hyperparameters: "
                          f"{echo(str(err) or type(err).__name__)}") from None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as tmp:
         tmpd = Path(tmp)

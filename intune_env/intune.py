@@ -12,6 +12,7 @@ from gymnasium.error import ResetNeeded
 
 from intune_env import common
 from simulators import PipelineSim, Scenario, ScenarioError, kernel, load_scenario
+from simulators.fileio import echo
 from simulators.pipeline import (
     GPU,
     check_allocation,
@@ -31,6 +32,8 @@ ENV_KEYS = ("reward_throughput_weight", "reward_memory_weight", "oom_penalty", "
 SCENARIO_KEYS = ("machine", "stages", "events", "noise_cv", "control_interval_s", "name")
 #: Keys ``reset(options=...)`` accepts.
 RESET_OPTION_KEYS = ("allocation",)
+#: How error messages name ``reset(options={"allocation": ...})``.
+ALLOCATION_OPTION = "options['allocation']"
 
 
 class InTuneEnv(gym.Env[np.ndarray, int]):
@@ -221,8 +224,9 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
         self._top = 2 * n
 
     # --- helpers -------------------------------------------------------------------
-    def resolve_start(self, start: Any) -> list[int]:
-        """The start allocation ``start`` names (see Starting State), or a ValueError."""
+    def resolve_start(self, start: Any, what: str = "start_allocation") -> list[int]:
+        """The start allocation ``start`` names (see Starting State), or a ValueError
+        naming ``what`` (the argument or option the caller was given ``start`` as)."""
         sim = self.sim
         cond = sim.chain[sim.start_cond]
         if isinstance(start, str) and start == "even":
@@ -230,12 +234,18 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
         if isinstance(start, str) and start == "min":
             alloc = [1] * self.n_stages
         elif isinstance(start, list | tuple | np.ndarray):
-            alloc = check_allocation(start, sim.max_cpus, sim.stage_names)
+            try:
+                alloc = check_allocation(start, sim.max_cpus, sim.stage_names)
+            except ValueError as err:
+                raise ValueError(f"InTune-v0: {what}: {err}") from None
         else:
             raise ScenarioError(
-                f"InTune-v0: start_allocation must be 'even', 'min' or a list of "
-                f"{self.n_stages} CPU counts, got {start!r}"[:200])
-        check_start_fits(cond, alloc)
+                f"InTune-v0: {what} must be 'even', 'min' or a sequence of {self.n_stages} "
+                f"positive integers (CPUs per stage), got {echo(repr(start))}")
+        try:
+            check_start_fits(cond, alloc, what)
+        except ValueError as err:
+            raise ValueError(f"InTune-v0: {err}") from None
         return alloc
 
     def _observation(self) -> np.ndarray:
@@ -284,7 +294,7 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
         if options is not None:
             check_reset_options(options)
             if "allocation" in options:
-                start = self.resolve_start(options["allocation"])
+                start = self.resolve_start(options["allocation"], ALLOCATION_OPTION)
         super().reset(seed=seed)
         self.sim.restart(slice(None), [episode_seed(self.np_random)], start)
         self.sim.run(self.sim.actions, self.sim._observe, *self.sim.args)

@@ -23,7 +23,7 @@ from intune_env.live.config import (
     PipelineConfig,
     finite,
 )
-from intune_env.live.data import N_CAT, N_DENSE, Dataset, DatasetSpec, ensure_dataset
+from intune_env.live.data import Dataset, DatasetSpec, ensure_dataset
 from intune_env.live.pipeline import Counters, LivePipeline, tree_rss
 from simulators.fileio import InputFileError, echo, read_text_limited
 from simulators.pipeline import check_allocation
@@ -47,11 +47,6 @@ def default_memory_budget_mib() -> int:
     """``live.config.MEMORY_BUDGET_MIB`` (2 GiB), or half the machine's memory if smaller."""
     total = psutil.virtual_memory().total // MIB
     return int(min(live.MEMORY_BUDGET_MIB, total // 2))
-
-
-#: Bytes of one sample held by a shuffle worker (ids int64, label int8, dense float32,
-#: categorical int64: the batch stage's output).
-SHUFFLE_SAMPLE_BYTES = 8 + 1 + 4 * N_DENSE + 8 * N_CAT
 
 
 def load_oracle(oracle: Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:
@@ -239,6 +234,7 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
             memory_limit_bytes=self.memory_capacity_bytes,
         )
         self.gpu_rate = self.config.gpu_rate
+        self.batch_size = int(batch_size)  # samples per batch (the dataset's row group)
         self.initial_allocation = self._valid_allocation(
             initial_allocation if initial_allocation is not None else [1] * self.n,
             "initial_allocation")
@@ -246,7 +242,7 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
             self._check_memory(self.initial_allocation, "initial_allocation")
         self.dataset: Dataset = ensure_dataset(
             DatasetSpec(n_shards=n_shards, rows_per_shard=rows_per_shard,
-                        row_group_size=batch_size, seed=data_seed), data_dir)
+                        row_group_size=self.batch_size, seed=data_seed), data_dir)
 
         self.action_space = common.action_space(self.n)
         self.observation_space = common.observation_space(self.n)
@@ -270,18 +266,16 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
         return alloc
 
     def _check_memory(self, alloc: Sequence[int], what: str) -> None:
-        """Refuse a start that cannot fit the memory budget: this process's RSS now plus
-        what the shuffle workers will hold once warm (a lower bound of the need)."""
-        rss = tree_rss()
-        held = alloc[STAGES.index("shuffle")] * self.config.shuffle_buffer * \
-            SHUFFLE_SAMPLE_BYTES
-        need = rss + held
-        if need > self.memory_capacity_bytes:
+        """Refuse a start that cannot fit the memory budget: this process tree's RSS now
+        plus what the pipeline holds once warm (:func:`live.memory_need`, the live
+        pipeline's memory model: workers, shuffle buffers, stage buffers, staging)."""
+        need = live.memory_need(self.config, self.batch_size, alloc,
+                                tree_rss())
+        if need.total > self.memory_capacity_bytes:
             raise ValueError(
-                f"{what} {list(alloc)} needs at least {need / MIB:.0f} MiB (this process "
-                f"uses {rss / MIB:.0f} MiB, its shuffle workers hold {held / MIB:.0f} MiB); "
-                f"the memory budget is {self.memory_capacity_bytes / MIB:.0f} MiB "
-                f"(memory_budget_mib)")
+                f"{what} {list(alloc)} needs about {need.total / MIB:.0f} MiB once warm "
+                f"({need.describe()}); the memory budget is "
+                f"{self.memory_capacity_bytes / MIB:.0f} MiB (memory_budget_mib)")
 
     @property
     def pipeline(self) -> LivePipeline | None:

@@ -56,7 +56,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from intune_env import common
-from intune_env.intune import InTuneEnv, check_reset_options
+from intune_env.intune import ALLOCATION_OPTION, InTuneEnv, check_reset_options
 from simulators import PipelineSim, kernel
 from simulators.pipeline import GPU, episode_seed
 
@@ -169,7 +169,8 @@ class InTuneVectorEnv(VectorEnv):
         if options is not None:
             check_reset_options(options)
             if "allocation" in options:
-                start = self.single_env.resolve_start(options["allocation"])
+                start = self.single_env.resolve_start(options["allocation"],
+                                                      ALLOCATION_OPTION)
         if seed is None:
             seeds: list[int | None] = [None] * N
         elif isinstance(seed, int) and not isinstance(seed, bool):

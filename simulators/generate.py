@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from simulators.fileio import contained, refuse_folders, write_text_atomic
+from simulators.fileio import contained, echo, refuse_folders, write_text_atomic
 
 #: Stage names in pipeline order; a generated pipeline keeps ``read`` and picks the rest.
 STAGE_NAMES = ("read", "parse", "shuffle", "transform", "hash", "batch", "collate", "gpu_load")
@@ -68,7 +68,7 @@ class Suite:
 SUITES: dict[str, Suite] = {"train": Suite(seed=8_001, count=200),
                             "test": Suite(seed=8_002, count=200)}
 
-_SUITE_RE = re.compile(r"suite:([A-Za-z0-9_-]+)(?::(\d{1,6}))?")
+_SUITE_RE = re.compile(r"suite:([A-Za-z0-9_-]+)(?::(.*))?", re.DOTALL)
 
 
 def _rng(seed: int, index: int | None) -> np.random.Generator:
@@ -244,32 +244,43 @@ def suite_members(name: str) -> list[str]:
     return [f"suite:{name}:{i:04d}" for i in range(suite.count)]
 
 
+def _parse_suite(name: str) -> tuple[str, int | None]:
+    """``suite:NAME[:INDEX]`` -> (NAME, INDEX or None); ``ValueError`` (one line) naming
+    what is wrong: an unknown suite, an index that is not an integer or out of range."""
+    m = _SUITE_RE.fullmatch(name)
+    if m is None or m.group(1) not in SUITES:
+        raise ValueError(f"{echo(name, 80)}: unknown suite; expected suite:NAME or "
+                         f"suite:NAME:INDEX with NAME one of {', '.join(SUITES)}")
+    split, text = m.group(1), m.group(2)
+    if text is None:
+        return split, None
+    count = SUITES[split].count
+    valid = f"suite {split!r} has members 0..{count - 1}"
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise ValueError(f"{echo(name, 80)}: index {echo(text, 20)!r} is not an integer; "
+                         f"{valid}")
+    # a long digit string is out of range without converting it
+    index = int(text) if len(text) <= 12 else count
+    if not 0 <= index < count:
+        raise ValueError(f"{echo(name, 80)}: index {echo(text, 20)} is out of range; {valid}")
+    return split, index
+
+
 def expand_suite(name: str) -> list[str] | None:
     """``suite:test`` -> its member names; a member name -> itself; None for other names.
 
-    Raises ``ValueError`` (one line) for an unknown suite or an index out of range.
+    Raises ``ValueError`` (one line) for an unknown suite or a bad index.
     """
-    m = _SUITE_RE.fullmatch(name) if name.startswith("suite:") else None
     if not name.startswith("suite:"):
         return None
-    if m is None or m.group(1) not in SUITES:
-        raise ValueError(f"{name[:80]}: unknown suite; expected suite:NAME or suite:NAME:INDEX "
-                         f"with NAME one of {', '.join(SUITES)}")
-    if m.group(2) is None:
-        return suite_members(m.group(1))
-    suite_scenario(name)  # checks the index
-    return [name]
+    split, index = _parse_suite(name)
+    return suite_members(split) if index is None else [name]
 
 
 def suite_scenario(name: str) -> dict[str, Any]:
     """The scenario dict of a suite member ``suite:<split>:<index>``; ``ValueError`` if none."""
-    m = _SUITE_RE.fullmatch(name)
-    if m is None or m.group(2) is None or m.group(1) not in SUITES:
-        raise ValueError(f"{name[:80]}: not a suite member; expected suite:NAME:INDEX with "
-                         f"NAME one of {', '.join(SUITES)}")
-    suite = SUITES[m.group(1)]
-    index = int(m.group(2))
-    if index >= suite.count:
-        raise ValueError(f"{name}: index {index} out of range; suite {m.group(1)!r} has "
-                         f"members 0 to {suite.count - 1}")
-    return generate_scenario(suite.seed, index)
+    split, index = _parse_suite(name)
+    if index is None:
+        raise ValueError(f"{echo(name, 80)}: a whole suite, not one member; expected "
+                         f"suite:{split}:INDEX (0..{SUITES[split].count - 1})")
+    return generate_scenario(SUITES[split].seed, index)

@@ -106,16 +106,18 @@ def fitting_start(cond: Conditions) -> list[int]:
     return even_allocation(lo, caps)
 
 
-def check_start_fits(cond: Conditions, allocation: Sequence[int]) -> None:
-    """``ValueError`` unless ``allocation``'s worst-case memory fits the capacity."""
+def check_start_fits(cond: Conditions, allocation: Sequence[int],
+                     what: str = "start_allocation") -> None:
+    """``ValueError`` unless ``allocation``'s worst-case memory fits the capacity; the
+    message names ``what`` (the argument or option the allocation came from)."""
     need = worst_memory(cond, allocation)
     if need > cond.memory_capacity_bytes:
         gib = 2**30
         raise ValueError(
-            f"start allocation {list(allocation)} needs up to {need / gib:.2f} GiB "
+            f"{what}: start allocation {list(allocation)} needs up to {need / gib:.2f} GiB "
             f"({need} bytes, every buffer full) but the machine has "
             f"{cond.memory_capacity_bytes / gib:.2f} GiB ({cond.memory_capacity_bytes} bytes)"
-            f"; use start_allocation='even' (fitted to memory) or fewer CPUs")
+            f"; use {what}='even' (fitted to memory) or fewer CPUs")
 
 
 def first_step_at(at_s: float, dt: float) -> int:

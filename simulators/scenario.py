@@ -116,7 +116,10 @@ def _is_numeric(annotation: Any) -> bool:
     return any(a in (int, float) for a in args) and str not in args
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A pydantic model of a user's file: no extra fields, finite numbers, and numbers
+    never read from booleans or strings (also the base of SB3 hyperparameter ranges)."""
+
     # allow_inf_nan=False: .inf and .nan are refused even where no bound would catch them
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -134,7 +137,7 @@ class _Strict(BaseModel):
         return v
 
 
-class MachineSpec(_Strict):
+class MachineSpec(StrictModel):
     """The trainer machine."""
 
     cpus: int = Field(ge=1, le=MAX_CPUS, description="schedulable CPUs")
@@ -162,7 +165,7 @@ class MachineSpec(_Strict):
         return self
 
 
-class StageSpec(_Strict):
+class StageSpec(StrictModel):
     """One pipeline stage. ``kind`` selects the stage model (see ``simulators.stages``)."""
 
     name: str = Field(min_length=1, max_length=32)
@@ -229,7 +232,7 @@ class StageSpec(_Strict):
         return hash(self.model_dump_json())
 
 
-class EventSpec(_Strict):
+class EventSpec(StrictModel):
     """A change at simulated time ``at_s``. Factors are relative to the scenario's values."""
 
     at_s: float = Field(ge=0, le=MAX_AT_S)
@@ -259,7 +262,7 @@ class EventSpec(_Strict):
         return self
 
 
-class Scenario(_Strict):
+class Scenario(StrictModel):
     """A validated scenario. Build one with :func:`load_scenario`."""
 
     name: str = Field(min_length=1, max_length=64)
@@ -599,6 +602,8 @@ def parse_yaml(text: str, source: str) -> Any:
             raise ScenarioError(f"{source}: YAML expands to over {MAX_YAML_NODES:,} values "
                                 f"(aliases); expected a scenario of a few hundred")
         return loader.construct_document(node)
+    except ScenarioError:  # already names the source (a ValueError: keep it out of below)
+        raise
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}:" if mark is not None else ""

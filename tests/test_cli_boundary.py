@@ -45,6 +45,17 @@ def test_integer_options_have_lower_bounds() -> None:
     one_line(invoke("scenarios", "generate", "--count", "0", "--out", "x"), "--count")
 
 
+@pytest.mark.parametrize(("spec", "why"), [("suite:test:-1", "out of range"),
+                                         ("suite:test:200", "out of range"),
+                                         ("suite:test:x", "is not an integer")])
+def test_suite_index_out_of_range_names_the_range(spec: str, why: str, tmp_path: Path) -> None:
+    one_line(invoke("scenarios", "show", spec), why, "suite 'test' has members 0..199")
+    out = tmp_path / "new"
+    one_line(invoke("compare", "--agents", "even", "--scenarios", spec, "--seeds", "1",
+                    "--out", str(out)), why, "0..199")
+    assert not out.exists()
+
+
 def test_model_for_an_agent_that_does_not_learn(tmp_path: Path) -> None:
     model = tmp_path / "m.json"
     model.write_text("{}")
@@ -77,6 +88,41 @@ def test_train_refuses_a_folder_where_the_model_goes_before_training(tmp_path: P
                  str(tmp_path), "--no-progress")
     one_line(res, "qlearning-scratch.json", "is a folder")
     assert "saved" not in res.stdout
+
+
+@pytest.mark.parametrize(("hp", "fragment"), [
+    ("ppo:\n  n_timesteps: 64\n  gamma: 5.0\n", "ppo.gamma: expected a number in (0, 1]"),
+    # refused by SB3 itself, once training has started inside OUT
+    ("ppo:\n  n_timesteps: 64\n  n_envs: 1\n  policy_kwargs: {net_arch: abc}\n",
+     "PPO refused the hyperparameters")])
+def test_train_failing_on_user_input_leaves_no_out_folder(tmp_path: Path, hp: str,
+                                                          fragment: str) -> None:
+    path = tmp_path / "hp.yaml"
+    path.write_text(hp)
+    out = tmp_path / "new" / "models"
+    one_line(invoke("train", "--agent", "ppo", "--hyperparams", str(path), "--steps", "64",
+                    "--out", str(out), "--no-progress"), "hp.yaml", fragment)
+    assert not (tmp_path / "new").exists()
+    # a folder that was there before is left as it was
+    out.mkdir(parents=True)
+    one_line(invoke("train", "--agent", "ppo", "--hyperparams", str(path), "--steps", "64",
+                    "--out", str(out), "--no-progress"), fragment)
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_out_dir_removes_only_the_empty_folders_it_made(tmp_path: Path) -> None:
+    from agents.cli.common import out_dir
+
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "a" / "b"
+    with pytest.raises(SystemExit), out_dir(target):
+        assert target.is_dir()
+        raise SystemExit(2)
+    assert not (tmp_path / "kept" / "a").exists() and (tmp_path / "kept").is_dir()
+    with pytest.raises(KeyboardInterrupt), out_dir(target):
+        (target / "partial.json").write_text("{}")  # something was written: kept
+        raise KeyboardInterrupt
+    assert (target / "partial.json").exists()
 
 
 def test_out_naming_a_file_says_it_is_a_file(tmp_path: Path) -> None:

@@ -143,3 +143,58 @@ def test_a_refused_command_leaves_no_output_folder(tmp_path: Path) -> None:
                                     "nosuch", "--seeds", "1", "--out", str(out)])
     assert res.exit_code == 2 and "unknown agent 'nosuch'" in res.output
     assert not out.exists()
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Arguments of a compare with one bad input each, and what its error line says."""
+    gamma = tmp_path / "gamma.yaml"
+    gamma.write_text("ppo:\n  n_timesteps: 64\n  gamma: 5.0\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("ppo:\n  n_timesteps: 64\n  gama: 0.9\n")
+    field = tmp_path / "field.yaml"
+    field.write_text(yaml.safe_dump({**small_scenario(), "noise_cv": 7}))
+    return {
+        "agent": (["--agents", "nosuch"], "unknown agent 'nosuch'"),
+        "scenario": (["--scenarios", "nosuch"], "nosuch: no such scenario file"),
+        "suite index": (["--scenarios", "suite:test:-1"], "out of range"),
+        "scenario field": (["--scenarios", str(field)], "field.yaml: noise_cv"),
+        "hyperparameter range": (["--agents", "ppo", "--hyperparams", str(gamma)],
+                                 "gamma.yaml: ppo.gamma: expected a number in (0, 1]"),
+        "hyperparameter name": (["--agents", "ppo", "--hyperparams", str(typo)],
+                                "typo.yaml: ppo.gama: unknown hyperparameter"),
+    }
+
+
+@pytest.mark.parametrize("case", ["agent", "scenario", "suite index", "scenario field",
+                                  "hyperparameter range", "hyperparameter name"])
+def test_user_errors_exit_2_with_one_line_and_no_folder(tmp_path: Path, case: str) -> None:
+    args, fragment = _bad_inputs(tmp_path)[case]
+    defaults = {"--agents": "even", "--scenarios": "dlrm-criteo"}
+    given = set(args[::2])
+    args += [a for k, v in defaults.items() if k not in given for a in (k, v)]
+    out = tmp_path / "new" / "out"
+    res = CliRunner().invoke(main, ["compare", *args, "--seeds", "1", "--out", str(out),
+                                    "--jobs", "1", "--no-progress", "--no-plots"])
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("intune: error: "), res.stderr
+    assert fragment in lines[0] and "Traceback" not in res.output, lines[0]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_user_error_found_during_a_run_exits_2(tmp_path: Path) -> None:
+    # SB3 itself refuses this net_arch, which only shows when the run builds the model
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("ppo:\n  n_timesteps: 64\n  n_envs: 1\n  policy_kwargs: {net_arch: abc}\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compare", "--agents", "even,ppo", "--scenarios",
+                                    "dlrm-criteo", "--seeds", "1", "--out", str(out),
+                                    "--hyperparams", str(hp), "--sb3-steps", "64", "--jobs",
+                                    "1", "--duration-s", "20", "--no-progress", "--no-plots"])
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("intune: error: 1 run(s) refused their input "
+                           "(dlrm-criteo__ppo__seed0: "), last
+    assert "hp.yaml: ppo: PPO refused the hyperparameters" in last and "Traceback" not in \
+        res.output
+    assert (out / "runs" / "dlrm-criteo__even__seed0.json").exists()  # the good run is kept

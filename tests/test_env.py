@@ -144,6 +144,29 @@ def test_reset_options_allocation_and_default_start(small: dict) -> None:
         env.reset(options={"allocation": [1, 1]})
 
 
+#: Bad ``reset(options={"allocation": ...})`` values and what the message must say.
+BAD_ALLOCATION_OPTIONS = [
+    (None, "must be 'even', 'min' or a sequence of 3 positive integers"),
+    ("lots", "must be 'even', 'min' or a sequence of 3 positive integers"),
+    ([1.5, 1, 1], "must hold integers"),
+    ([1, 1], "3 stages"),
+    ([0, 1, 1], "expected 1..4"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), BAD_ALLOCATION_OPTIONS)
+def test_bad_reset_allocation_names_the_option(small: dict, value: object,
+                                               expected: str) -> None:
+    env = InTuneEnv(scenario=small)
+    _, before = env.reset(seed=0)
+    with pytest.raises(ValueError) as err:
+        env.reset(options={"allocation": value})
+    msg = str(err.value)
+    assert msg.startswith("InTune-v0: options['allocation']") and expected in msg, msg
+    assert "start_allocation" not in msg, msg
+    assert env._info()["allocation"] == before["allocation"]  # a failed reset changes nothing
+
+
 def test_truncated_by_time_limit_covers_1200_simulated_seconds() -> None:
     env = gym.make("InTune-v0", scenario="transform-heavy")
     env.reset(seed=0)

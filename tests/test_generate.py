@@ -106,8 +106,22 @@ def test_expand_suite_and_make() -> None:
     assert env.unwrapped.scenario.name == f"gen-{SUITES['test'].seed}-17"
     with pytest.raises(ScenarioError, match="out of range"):
         load_scenario("suite:test:9999")
-    with pytest.raises(ScenarioError, match="not a suite member"):
+    with pytest.raises(ScenarioError, match="unknown suite"):
         load_scenario("suite:bogus:1")
+    with pytest.raises(ScenarioError, match="a whole suite, not one member"):
+        load_scenario("suite:test")
+
+
+@pytest.mark.parametrize(("index", "why"), [
+    ("-1", "out of range"), ("200", "out of range"), ("9" * 5000, "out of range"),
+    ("abc", "is not an integer"), ("1.5", "is not an integer"), ("", "is not an integer")])
+def test_bad_suite_index_says_what_is_wrong_and_the_range(index: str, why: str) -> None:
+    for call in (expand_suite, suite_scenario, load_scenario):
+        with pytest.raises(ValueError) as err:
+            call(f"suite:test:{index}")
+        msg = str(err.value)
+        assert why in msg and "members 0..199" in msg and "unknown suite" not in msg, msg
+        assert len(msg) < 300, msg
 
 
 def test_generalization_benchmark_runs(tmp_path) -> None:

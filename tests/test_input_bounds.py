@@ -109,6 +109,27 @@ def test_alias_bomb_refused(tmp_path: Path) -> None:
     _one_line(_yaml(tmp_path, "\n".join(lines) + "\n"), "expands to over")
 
 
+def test_billion_laughs_names_the_file_once_fast_and_small(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    # 10**9 leaves once expanded; the file is a few hundred bytes
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = _yaml(tmp_path, "\n".join(lines) + "\n")
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        msg = _one_line(path, "expands to over")
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert msg.count(str(path)) == 1 and msg.startswith(f"{path}: YAML expands"), msg
+    assert "invalid YAML value" not in msg, msg
+    assert elapsed < 5 and peak < 20 << 20, (elapsed, peak)
+
+
 def test_yaml_is_data_not_code(tmp_path: Path) -> None:
     path = _yaml(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n")
     _one_line(path, "invalid YAML")

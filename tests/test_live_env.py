@@ -222,16 +222,62 @@ def test_numeric_arguments_must_be_finite(tiny, arg: str, value: object) -> None
 def test_explicit_start_that_cannot_fit_the_budget_is_refused(tiny) -> None:
     # Three shuffle workers holding 10**6 samples each need ~770 MiB: over a 600 MiB budget.
     big = {**tiny, "shuffle_buffer": 10**6, "memory_budget_mib": 600.0}
-    with pytest.raises(ValueError, match=r"initial_allocation \[1, 1, 2, 1, 1\] needs at "
-                                         r"least \d+ MiB .* memory budget is 600 MiB"):
+    with pytest.raises(ValueError, match=r"initial_allocation \[1, 1, 2, 1, 1\] needs about "
+                                         r"\d+ MiB once warm \(base \d+ MiB, workers .*shuffle "
+                                         r"\d+ MiB.*memory budget is 600 MiB"):
         InTuneLiveEnv(**big, initial_allocation=[1, 1, 2, 1, 1])
     env = InTuneLiveEnv(**big)  # the default start is not refused
     try:
-        with pytest.raises(ValueError, match=r'options\["allocation"\] .* needs at least'):
+        with pytest.raises(ValueError, match=r'options\["allocation"\] .* needs about'):
             env.reset(seed=0, options={"allocation": [1, 1, 2, 1, 1]})
         assert env.pipeline is None  # nothing started
     finally:
         env.close()
+
+
+def test_the_start_check_counts_worker_processes_not_only_shuffle_buffers(tiny) -> None:
+    # Small shuffle buffers; two transform workers as processes (an interpreter each)
+    # do not fit 40 MiB above what this process uses: refused before anything starts.
+    cfg = {**tiny, "process_stages": ("transform",), "memory_budget_mib":
+           tree_rss() / 2**20 + 40}
+    with pytest.raises(ValueError, match=r"needs about \d+ MiB once warm .*workers 6\d MiB"):
+        InTuneLiveEnv(**cfg, initial_allocation=[1, 1, 1, 2, 1])
+    assert _no_pipeline_threads()
+    # the same allocation as threads fits: only the process workers' memory differs
+    threads = InTuneLiveEnv(**{**cfg, "process_stages": ()}, initial_allocation=[1, 1, 1, 2, 1])
+    threads.close()
+
+
+def test_memory_need_is_the_pipelines_own_model(tiny) -> None:
+    """The start check and the pipeline share one model: its preallocated staging slots,
+    buffer capacities and per-sample sizes are the ones the pipeline really has."""
+    from intune_env.live.config import (
+        SAMPLE_BYTES,
+        STAGING_SAMPLE_BYTES,
+        PipelineConfig,
+        memory_need,
+        staging_slots,
+    )
+    from intune_env.live.data import DatasetSpec, ensure_dataset
+    from intune_env.live.pipeline import LivePipeline
+
+    cfg = PipelineConfig(max_workers=tiny["max_workers"], shuffle_buffer=256,
+                         process_stages=("batch",))
+    ds = ensure_dataset(DatasetSpec(n_shards=2, rows_per_shard=2048, row_group_size=128),
+                        tiny["data_dir"])
+    with LivePipeline(ds, cfg, [1, 1, 1, 1, 1]) as pipe:
+        slots = len(pipe._slots) + 1  # + the consumer's device tensor
+        batch = pipe.buffers[1].get(lambda: False)  # the batch stage's output, row-major
+        assert pipe.counters().buffer_capacities == tuple(q * 128 for q in cfg.queue_batches)
+    assert slots == staging_slots(cfg) + 1
+    assert batch.nbytes == 128 * SAMPLE_BYTES
+    need = memory_need(cfg, 128, [2, 1, 3, 1, 1], base_bytes=5)
+    assert need.base == 5 and need.shuffle == 3 * 256 * SAMPLE_BYTES
+    assert need.staging == slots * 128 * STAGING_SAMPLE_BYTES
+    assert need.buffers == sum(cfg.queue_batches[:-1]) * 128 * SAMPLE_BYTES
+    assert need.workers == 8 * 128 * SAMPLE_BYTES + 32 * 2**20  # one batch process
+    assert need.total == sum((need.base, need.workers, need.shuffle, need.buffers,
+                              need.staging))
 
 
 def test_live_defaults_have_one_source() -> None:

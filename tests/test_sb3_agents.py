@@ -12,7 +12,13 @@ import yaml
 import intune_env  # noqa: F401
 from agents.base import run_episode
 from agents.registry import AgentUnavailableError, make_agent
-from agents.sb3_agents import SB3Agent, load_hyperparams, sidecar_paths, train_sb3
+from agents.sb3_agents import (
+    HyperparamError,
+    SB3Agent,
+    load_hyperparams,
+    sidecar_paths,
+    train_sb3,
+)
 
 EPISODE = 40  # steps per training/eval episode in these tests
 _FAST = {"n_evaluations": 1, "n_eval_episodes": 1}
@@ -129,6 +135,62 @@ def test_a_bad_hyperparameter_file_is_one_line_naming_file_and_key(
         load_hyperparams("ppo", path)
     msg = str(err.value)
     assert msg.startswith(str(path)) and fragment in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(("algo", "line", "fragment"), [
+    ("ppo", "gamma: 5.0", "ppo.gamma: expected a number in (0, 1], got 5.0"),
+    ("ppo", "gamma: 0", "ppo.gamma: expected a number in (0, 1]"),
+    ("ppo", "learning_rate: -0.001", "ppo.learning_rate: expected a number > 0"),
+    ("ppo", "n_steps: 0", "ppo.n_steps: expected an integer >= 1, got 0"),
+    ("ppo", "batch_size: -3", "ppo.batch_size: expected an integer >= 1, got -3"),
+    ("ppo", "n_epochs: 0", "ppo.n_epochs: expected an integer >= 1"),
+    ("ppo", "ent_coef: -1", "ppo.ent_coef: expected a number >= 0, got -1"),
+    ("ppo", "clip_range: 0", "ppo.clip_range: expected a number > 0, got 0"),
+    ("ppo", "gae_lambda: 2", "ppo.gae_lambda: expected a number in [0, 1], got 2"),
+    ("ppo", "target_kl: -0.1", "ppo.target_kl: expected a number > 0"),
+    ("a2c", "vf_coef: -0.5", "a2c.vf_coef: expected a number >= 0"),
+    ("a2c", "max_grad_norm: 0", "a2c.max_grad_norm: expected a number > 0"),
+    ("dqn", "tau: 2", "dqn.tau: expected a number in (0, 1], got 2"),
+    ("dqn", "exploration_fraction: 1.5", "dqn.exploration_fraction: expected a number in [0, 1]"),
+    ("dqn", "exploration_final_eps: -0.1", "dqn.exploration_final_eps: expected a number in"),
+    ("dqn", "buffer_size: 0", "dqn.buffer_size: expected an integer >= 1, got 0"),
+    ("dqn", "learning_starts: -1", "dqn.learning_starts: expected an integer >= 0"),
+    ("dqn", "train_freq: 0", "dqn.train_freq: expected an integer >= 1 or [n,"),
+    ("dqn", "train_freq: [4, hour]", "dqn.train_freq: expected an integer >= 1 or [n,"),
+    ("dqn", "gradient_steps: 0", "dqn.gradient_steps: expected -1 (as many as steps"),
+    ("dqn", "target_update_interval: 0", "dqn.target_update_interval: expected an integer"),
+    ("ppo", "policy_kwargs: {activation_fn: sigmoid}",
+     "ppo.policy_kwargs.activation_fn: expected one of tanh, relu, elu"),
+])
+def test_hyperparameters_out_of_range_are_refused_naming_file_key_and_range(
+        tmp_path: Path, algo: str, line: str, fragment: str) -> None:
+    path = tmp_path / "hp.yaml"
+    path.write_text(f"{algo}:\n  n_timesteps: 64\n  {line}\n")
+    with pytest.raises(HyperparamError) as err:
+        load_hyperparams(algo, path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and fragment in msg and "\n" not in msg, msg
+    assert msg.count(str(path)) == 1, msg
+
+
+@pytest.mark.parametrize(("algo", "line"), [
+    ("ppo", "gamma: 1"), ("ppo", "gae_lambda: 0"), ("ppo", "ent_coef: 0"),
+    ("ppo", "target_kl: null"), ("dqn", "train_freq: [1, episode]"),
+    ("dqn", "gradient_steps: -1"), ("dqn", "max_grad_norm: 0.5"),
+    ("dqn", "exploration_fraction: 1.0"), ("dqn", "tau: 0.005")])
+def test_hyperparameters_at_the_edges_of_their_range_are_accepted(
+        tmp_path: Path, algo: str, line: str) -> None:
+    path = tmp_path / "hp.yaml"
+    path.write_text(f"{algo}:\n  n_timesteps: 64\n  {line}\n")
+    key, value = line.split(": ")
+    assert load_hyperparams(algo, path)[key] == yaml.safe_load(value)
+
+
+def test_overrides_are_range_checked_before_training(tmp_path: Path) -> None:
+    with pytest.raises(HyperparamError, match=r"ppo\.gamma: expected a number in \(0, 1\]"):
+        train_sb3("ppo", "machine-resize", tmp_path / "m", n_timesteps=64,
+                  overrides={"gamma": 5.0})
+    assert not any(tmp_path.iterdir())  # refused before any file or folder was made
 
 
 def test_hyperparameter_file_needs_a_budget(tmp_path: Path) -> None:

@@ -340,3 +340,20 @@ def test_default_info_skips_the_per_stage_outputs_without_changing_the_dynamics(
 def test_parallel_must_be_a_bool(bad: Any) -> None:
     with pytest.raises(ValueError, match="parallel must be True or False"):
         InTuneVectorEnv(num_envs=2, parallel=bad)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, "must be 'even', 'min' or a sequence of 5 positive integers"),
+    ([1, 1], "5 stages"), ([True, 1, 1, 1, 1], "must hold integers")])
+def test_bad_reset_allocation_names_the_option_as_the_single_env_does(
+        value: object, expected: str) -> None:
+    single = gym.make("InTune-v0", scenario="dlrm-criteo").unwrapped
+    batched = InTuneVectorEnv(num_envs=2, scenario="dlrm-criteo")
+    msgs = []
+    for env in (single, batched):
+        with pytest.raises(ValueError) as err:
+            env.reset(options={"allocation": value})
+        msgs.append(str(err.value))
+    assert msgs[0] == msgs[1], msgs
+    assert msgs[0].startswith("InTune-v0: options['allocation']") and expected in msgs[0]
+    assert "start_allocation" not in msgs[0]

@@ -5,27 +5,24 @@ Each check either returns a usable value or calls :func:`fail` (one line on stde
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
 import tempfile
-import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from agents import registry
-from agents.plugins import PluginError
 from intune_env.cli import fail, warn
 from simulators import Scenario, ScenarioError, load_scenario
 from simulators.fileio import ECHO_CHARS, InputFileError, echo
 
 #: Exceptions that are a user's fault wherever they surface: one line, exit 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ScenarioError, InputFileError, PluginError, registry.UnknownAgentError,
-    registry.AgentUnavailableError, FileNotFoundError, zipfile.BadZipFile)
+USER_ERRORS = registry.USER_ERRORS
 
 TRUST_MODEL_HELP = ("also load model files that need unpickling (legacy .pkl statistics, "
                     "pickled objects in an SB3 zip). Unpickling runs any code the file "
@@ -144,6 +141,23 @@ def writable_dir(path: Path, what: str = "--out") -> Path:
     except OSError as err:
         fail(f"{what} {shown}: output folder is not writable ({err.strerror})")
     return path
+
+
+@contextlib.contextmanager
+def out_dir(path: Path, what: str = "--out") -> Iterator[Path]:
+    """:func:`writable_dir` for the body of a command: the folders it created are removed
+    again, if still empty, when the command fails (one line, Ctrl-C, an error)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    writable_dir(path, what)
+    try:
+        yield path
+    except BaseException:
+        for p in missing:  # innermost first; rmdir leaves any folder with something in it
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def writable_file(path: Path, what: str) -> Path:

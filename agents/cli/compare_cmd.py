@@ -92,6 +92,10 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
                if (res.out / n.rstrip("/")).exists()]
     click.echo(f"{len(res.ran)} runs done, {len(res.skipped)} reused, {len(res.failed)} failed; "
                f"wrote {', '.join(outputs)} in {res.out}")
+    if res.refused:  # the user's input, found during the runs: exit 2 like any other
+        key, why = next(iter(res.refused.items()))
+        fail(f"{len(res.refused)} run(s) refused their input ({key}: {why}); fix it and "
+             f"rerun the same command")
     if res.failed:  # each failure was logged as it happened; one closing line
         click.echo(f"intune: {len(res.failed)} run(s) failed (errors above: "
                    f"{', '.join(list(res.failed)[:3])}{' ...' if len(res.failed) > 3 else ''});"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from agents.cli.common import SEED, fail, load_scenario_or_fail, writable_dir
+from agents.cli.common import SEED, fail, load_scenario_or_fail, out_dir
 from simulators import builtin_scenarios, load_scenario
 from simulators.scenario import GIB
 
@@ -61,17 +61,17 @@ def scenarios_show(scenario: str) -> None:
 @click.option("--count", type=int, required=True, help="how many scenarios")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="generator seed (same seed, same files)")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
               help="folder for the YAML files")
-def scenarios_generate(count: int, seed: int, out_dir: Path) -> None:
+def scenarios_generate(count: int, seed: int, out_path: Path) -> None:
     """Write COUNT random, valid DLRM pipeline scenarios as YAML files under OUT."""
     if not 1 <= count <= 100_000:
         fail(f"--count must be between 1 and 100000, got {count}")
-    writable_dir(out_dir)
     try:
         from simulators.generate import write_scenarios
     except ImportError as err:
         fail(f"scenario generator is not available ({err})")
-    paths = write_scenarios(count, seed, out_dir)
-    click.echo(f"wrote {len(paths)} scenarios to {out_dir}"
+    with out_dir(out_path):  # removed again, if still empty, when writing fails
+        paths = write_scenarios(count, seed, out_path)
+    click.echo(f"wrote {len(paths)} scenarios to {out_path}"
                + (f" ({paths[0].name} ... {paths[-1].name})" if paths else ""))

@@ -19,10 +19,10 @@ from agents.cli.common import (
     fail,
     finite_positive,
     load_scenario_or_fail,
+    out_dir,
     trust_kwargs,
     trust_model_option,
     warn_late_events,
-    writable_dir,
     writable_file,
 )
 
@@ -40,13 +40,13 @@ QLEARNING_DEFAULT_STEPS = 30_000
                    f"{QLEARNING_DEFAULT_STEPS:,} for qlearning); SB3 trains whole "
                    "rollouts, so PPO and A2C may train a few more")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="folder for the trained model")
 @click.option("--tensorboard", is_flag=True, help="SB3: write TensorBoard logs to OUT/tb")
 @click.option("--hyperparams", type=click.Path(path_type=Path), default=None,
               help="SB3 hyperparameter YAML (default: agents/hyperparams/sb3.yaml)")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def train(agent_name: str, scenario: str, steps: int | None, seed: int, out_dir: Path,
+def train(agent_name: str, scenario: str, steps: int | None, seed: int, out_path: Path,
           tensorboard: bool, hyperparams: Path | None, progress: bool) -> None:
     """Train a learning agent on a scenario and save it under OUT."""
     check_agent(agent_name)
@@ -55,28 +55,43 @@ def train(agent_name: str, scenario: str, steps: int | None, seed: int, out_dir:
              f"{', '.join(registry.TRAINABLE)}")
     at_least(steps, 1, "--steps")
     sc = load_scenario_or_fail(scenario)
-    writable_dir(out_dir)
     sb3 = agent_name in registry.SB3_AGENTS
-    # Refused now, not after a training run that could not be saved.
-    model_file = writable_file(out_dir / f"{agent_name}.{'zip' if sb3 else 'json'}", "--out")
-    if not sb3:
-        _train_qlearning(agent_name, sc, steps or QLEARNING_DEFAULT_STEPS, seed, model_file,
-                         progress)
-        return
+    if sb3:  # the hyperparameter file is checked before OUT is made
+        from agents.sb3_agents import load_hyperparams
+
+        try:
+            load_hyperparams(registry.SB3_AGENTS[agent_name], hyperparams)
+        except ValueError as err:
+            fail(str(err))
+        if tensorboard:
+            try:
+                import tensorboard as _tb  # noqa: F401
+            except ImportError:
+                fail("--tensorboard needs the tensorboard package (pip install 'intune[sb3]')")
+    with out_dir(out_path):  # removed again, if still empty, when training fails
+        # Refused now, not after a training run that could not be saved.
+        model_file = writable_file(out_path / f"{agent_name}.{'zip' if sb3 else 'json'}",
+                                   "--out")
+        if sb3:
+            _train_sb3(agent_name, sc, steps, seed, model_file, tensorboard, hyperparams,
+                       progress)
+        else:
+            _train_qlearning(agent_name, sc, steps or QLEARNING_DEFAULT_STEPS, seed,
+                             model_file, progress)
+
+
+def _train_sb3(agent_name: str, sc: Any, steps: int | None, seed: int, model_file: Path,
+               tensorboard: bool, hyperparams: Path | None, progress: bool) -> None:
+    """Train an SB3 agent into ``model_file`` (TensorBoard logs next to it, in ``tb/``)."""
     from agents.sb3_agents import train_sb3
 
-    if tensorboard:
-        try:
-            import tensorboard as _tb  # noqa: F401
-        except ImportError:
-            fail("--tensorboard needs the tensorboard package (pip install 'intune[sb3]')")
     # SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so the temporary training
     # folder is removed instead of left next to the model
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         res = train_sb3(registry.SB3_AGENTS[agent_name], sc, model_file, seed=seed,
                         n_timesteps=steps, hyperparams_path=hyperparams,
-                        tensorboard_log=out_dir / "tb" if tensorboard else None,
+                        tensorboard_log=model_file.parent / "tb" if tensorboard else None,
                         progress_bar=progress)
     except ValueError as err:  # bad hyperparameter file
         fail(str(err))

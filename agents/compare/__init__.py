@@ -78,6 +78,7 @@ class CompareResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # failed on the user's input
     rerun: dict[str, str] = field(default_factory=dict)  # key -> why its file was not reused
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: list[dict[str, Any]] = field(default_factory=list)
@@ -102,7 +103,9 @@ def run_compare(scenarios: str | Sequence[str], agents: str | Sequence[str],
     ``seeds`` is a count ``N`` (seeds ``0..N-1``) or explicit seeds. ``trust_model``
     lets SB3 models from ``models_dir`` that need unpickling load (``--trust-model``).
     Raises :class:`CompareError` or :class:`simulators.ScenarioError` (one line) for a
-    user's fault before any run starts; failures inside runs are collected in the result.
+    user's fault before any run starts; failures inside runs are collected in the result
+    (``failed``; those due to the user's input, such as a model that does not fit its
+    scenario, in ``refused`` too).
     """
     import math
 
@@ -123,15 +126,16 @@ def run_compare(scenarios: str | Sequence[str], agents: str | Sequence[str],
     if executor not in ("local", "ray"):
         raise CompareError(f"--executor: expected 'local' or 'ray', got {executor!r}")
     sc = resolve_scenarios(scenarios)
-    check_out_dir(out)
     mdir = Path(models_dir) if models_dir is not None else None
     if mdir is not None and not mdir.is_dir():
         raise CompareError(f"--models {mdir}: no such folder")
     hp = str(hyperparams_path) if hyperparams_path is not None else None
     say = log or (lambda _m: None)
+    # planned before OUT is made: a bad hyperparameter or model file leaves no folder
+    specs = plan_grid(sc, agent_list, seed_list, out, duration_s, mdir, sb3_steps, hp,
+                      trust_model)
+    check_out_dir(out)
     with locked(out):
-        specs = plan_grid(sc, agent_list, seed_list, out, duration_s, mdir, sb3_steps, hp,
-                          trust_model)
         return _run_grid(specs, out, list(sc), agent_list, jobs, executor, address,
                          progress, plots, say)
 
@@ -167,6 +171,8 @@ def _run_grid(specs: list[RunSpec], out: Path, scenarios: list[str], agents: lis
     def done(spec: RunSpec, res: dict[str, Any]) -> None:
         if "_error" in res:
             result.failed[spec.key] = res["_error"]
+            if res.get("_user_error"):
+                result.refused[spec.key] = res["_error"]
             say(f"run {spec.key} failed: {res['_error']}")
             return
         write_json_atomic(runs_dir / f"{spec.key}.json", res)

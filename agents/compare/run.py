@@ -110,7 +110,7 @@ class _Recorder(gym.Wrapper):
 def guarded(spec: RunSpec, pin_threads: bool = True,
             progress: ProgressFn | None = None) -> dict[str, Any]:
     """:func:`execute_run` with errors turned into data (and, in a worker, torch pinned
-    to one thread: one run per core)."""
+    to one thread: one run per core); a user's fault is marked ``_user_error``."""
     if pin_threads and spec.agent in registry.SB3_AGENTS:
         try:
             import torch
@@ -120,6 +120,8 @@ def guarded(spec: RunSpec, pin_threads: bool = True,
             pass
     try:
         return execute_run(spec, progress)
+    except registry.USER_ERRORS as err:  # bad input found in the run: the command exits 2
+        return {"_error": str(err), "_user_error": True}
     except Exception as err:  # reported per run; the grid goes on
         return {"_error": f"{type(err).__name__}: {err}",
                 "_traceback": traceback.format_exc()}

@@ -8,6 +8,7 @@ module imports nothing heavy (no pyarrow), so a command line can read it cheaply
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 STAGES: tuple[str, ...] = ("read", "batch", "shuffle", "transform", "gpu_load")
@@ -31,13 +32,71 @@ DEFAULT_QUEUE_BATCHES: tuple[int, ...] = (8, 8, 8, 8, 4)
 SHUFFLE_BUFFER = 2048
 TRANSFORM_ROUNDS = 4
 TABLE_SIZE = 1 << 20
-# the generated dataset
+# the generated dataset: Criteo's 13 dense and 26 categorical features
+N_DENSE = 13
+N_CAT = 26
 N_SHARDS = 8
 ROWS_PER_SHARD = 32768
 BATCH_SIZE = 512
 
 #: A poison batch that kills this many fresh worker processes in a row fails the pipeline.
 MAX_RESPAWNS_PER_BATCH = 3
+
+
+# --- the memory model --------------------------------------------------------------------
+#: Bytes of one sample in row-major form (ids int64, label int8, dense float32,
+#: categorical int64): what batch, shuffle and transform pass on and a shuffle worker holds.
+SAMPLE_BYTES = 8 + 1 + 4 * N_DENSE + 8 * N_CAT
+#: Bytes of one sample in a staging slot (ids int64, label, dense float32, categorical int32).
+STAGING_SAMPLE_BYTES = 8 + 4 + 4 * N_DENSE + 4 * N_CAT
+#: Least RSS of one worker process: a Python interpreter with numpy (~70 MiB measured).
+PROCESS_WORKER_BYTES = 32 * 2**20
+
+
+def staging_slots(config: PipelineConfig) -> int:
+    """Staging slots the pipeline preallocates: a full gpu_load buffer, every loader and
+    the consumer."""
+    return config.queue_batches[-1] + config.max_workers[-1] + 1
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a running pipeline holds, in bytes, by component (see :func:`memory_need`)."""
+
+    base: int
+    workers: int
+    shuffle: int
+    buffers: int
+    staging: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.workers + self.shuffle + self.buffers + self.staging
+
+    def describe(self) -> str:
+        """``"base 120 MiB, workers 64 MiB, ..."``: every component, in MiB."""
+        return ", ".join(f"{name} {getattr(self, name) / 2**20:.0f} MiB" for name in
+                         ("base", "workers", "shuffle", "buffers", "staging"))
+
+
+def memory_need(config: PipelineConfig, batch_size: int, allocation: Sequence[int],
+                base_bytes: int) -> MemoryNeed:
+    """The memory the live pipeline holds at ``allocation`` once warm, by component.
+
+    ``base_bytes`` is what the process tree uses without the pipeline (its RSS now); each
+    worker holds a batch in flight, and a worker process is an interpreter of its own
+    (:data:`PROCESS_WORKER_BYTES`); each shuffle worker holds ``shuffle_buffer``
+    samples; the stage buffers are full (``queue_batches`` batches each; gpu_load's holds
+    staging slots); the staging slots and the device tensor are preallocated.
+    """
+    batch = batch_size * SAMPLE_BYTES
+    workers = sum(int(k) * (batch + (PROCESS_WORKER_BYTES if name in config.process_stages
+                                     else 0))
+                  for name, k in zip(STAGES, allocation, strict=True))
+    shuffle = int(allocation[STAGES.index("shuffle")]) * config.shuffle_buffer * SAMPLE_BYTES
+    buffers = sum(config.queue_batches[:-1]) * batch
+    staging = (staging_slots(config) + 1) * batch_size * STAGING_SAMPLE_BYTES
+    return MemoryNeed(int(base_bytes), workers, shuffle, buffers, staging)
 
 
 class PipelineError(RuntimeError):

@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-N_DENSE = 13
-N_CAT = 26
+from intune_env.live.config import N_CAT, N_DENSE
+
 DENSE_COLUMNS = tuple(f"I{i}" for i in range(1, N_DENSE + 1))
 CAT_COLUMNS = tuple(f"C{i}" for i in range(1, N_CAT + 1))
 ID_COLUMN = "id"

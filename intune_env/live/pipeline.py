@@ -66,6 +66,7 @@ from intune_env.live.config import (
     STAGES,
     PipelineConfig,
     PipelineError,
+    staging_slots,
 )
 from intune_env.live.data import Dataset
 from intune_env.live.stages import (
@@ -186,7 +187,7 @@ class LivePipeline:
         self.source = RequestSource(dataset, config.epochs, config.seed)
         self.buffers = [Buffer(c) for c in config.queue_batches]
         # Staging slots: enough for a full gpu_load buffer, every loader and the consumer.
-        n_slots = config.queue_batches[-1] + config.max_workers[-1] + 1
+        n_slots = staging_slots(config)
         self._slots: deque[StagingSlot] = deque(StagingSlot(self.batch_size)
                                                 for _ in range(n_slots))
         self._slot_cond = threading.Condition()
