@@ -6,7 +6,10 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   (``stage_busy_s = utilisation * cpus * dt``), divided by the time-slice share when the
   machine is oversubscribed and smoothed by an exponential moving average (``rate_ema``);
   capacity with ``k`` CPUs is estimated as ``rate * k``. Scaling down is conservative for
-  concave stages (contention, bandwidth caps), so slack is never over-estimated;
+  concave stages (contention, bandwidth caps), so slack is never over-estimated. The
+  measurement noise (which sizes every statistical test here) comes from consecutive
+  samples of one allocation only: a move changes a capped stage's per-CPU rate, which is
+  not noise;
 - time-slicing: ``total`` workers on ``cpus`` CPUs each get a share
   ``(cpus / total) / (1 + overhead * (total / cpus - 1))`` of a CPU. ``overhead`` (context
   switches) is fitted by least squares after the machine is resized (or the agent
@@ -64,6 +67,8 @@ class Estimator:
         self.n = n
         self.rate = [math.nan] * n  # samples/s per dedicated CPU (smoothed)
         self.noise_var = [0.05**2] * n  # relative variance of one measurement (smoothed)
+        self._last = [math.nan] * n  # last per-CPU rate, and the share it was measured at
+        self._last_share = math.nan
         # per stage: recent (step, CPUs, measured capacity) samples
         self.history: list[list[tuple[int, int, float]]] = [[] for _ in range(n)]
         self.step = 0
@@ -182,9 +187,16 @@ class Estimator:
                 if math.isnan(self.rate[i]) or resized:
                     self.rate[i] = r  # time-slicing changed: old rates are stale
                 else:
-                    rel = (r - self.rate[i]) / self.rate[i]
-                    self.noise_var[i] += 0.1 * (rel * rel - self.noise_var[i])
                     self.rate[i] += self.beta * (r - self.rate[i])
+                if (prev is not None and alloc[i] == prev[i] and share == self._last_share
+                        and self._last[i] > 0):
+                    # Noise from consecutive samples of one allocation only: a move
+                    # changes the per-CPU rate of a capped stage (and the smoothed rate
+                    # lags it), which is not noise; the difference of two samples has
+                    # twice one sample's variance.
+                    rel = (r - self._last[i]) / self._last[i]
+                    self.noise_var[i] += 0.1 * (rel * rel / 2 - self.noise_var[i])
+                self._last[i] = r
                 self.history[i].append((self.step, alloc[i], r * alloc[i]))
         elem = info["element_bytes"]
         static = float(info["memory_bytes"]) - sum(
@@ -214,6 +226,7 @@ class Estimator:
                 if self.saturated_age[i] > self.SATURATION_STEPS or resized:
                     self.saturated_at[i] = 0
         self.prev_alloc = alloc
+        self._last_share = share
         self.prev_static = static
         self.prev_bufcap = bufcap
         self.prev_cpus = cpus_total
