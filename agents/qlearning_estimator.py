@@ -67,8 +67,8 @@ class Estimator:
         self.n = n
         self.rate = [math.nan] * n  # samples/s per dedicated CPU (smoothed)
         self.noise_var = [0.05**2] * n  # relative variance of one measurement (smoothed)
-        self._last = [math.nan] * n  # last per-CPU rate, and the share it was measured at
-        self._last_share = math.nan
+        self._last = [math.nan] * n  # last per-CPU rate measured
+        self._last_share = math.nan  # the time-slice share it was measured at
         # per stage: recent (step, CPUs, measured capacity) samples
         self.history: list[list[tuple[int, int, float]]] = [[] for _ in range(n)]
         self.step = 0
@@ -285,7 +285,7 @@ class Estimator:
         # no gain, so its per-CPU rate there places the mark, which the releases down to
         # it then check (see _extend_plateau).
         low_k, low_rate, low_n = self.suspect_low[i]
-        if 0 < low_k < k0:
+        if not first and 0 < low_k < k0:  # (an expired first finding says nothing)
             k0, per_cpu, n0 = low_k, low_rate, low_n
         self.saturated_at[i] = self._mark(i, k, k0, per_cpu, n0, plateau)
         self.plateau[i] = plateau
