@@ -376,7 +376,7 @@ class QLearningAgent(Agent):
         if take_stage >= 0 and est.worker_bytes[take_stage] is not None:
             take_bytes = est.worker_bytes[take_stage] + (
                 est.buffer_per_cpu[take_stage] or 0.0) * elem[take_stage]
-        plateau_test = at_mark and take_stage == b
+        plateau_test = at_mark  # (oversubscribed, the test is the shed move: take_stage b)
         valid = np.zeros(N_ACTIONS, dtype=bool)
         valid[NOOP] = True
         valid[GIVE] = f_b == 1 and free > 0 and fits and not critical

@@ -67,7 +67,7 @@ class Estimator:
         self.n = n
         self.rate = [math.nan] * n  # samples/s per dedicated CPU (smoothed)
         self.noise_var = [0.05**2] * n  # relative variance of one measurement (smoothed)
-        self._last = [math.nan] * n  # last per-CPU rate measured
+        self._last_rate = [math.nan] * n  # last per-CPU rate measured
         self._last_share = math.nan  # the time-slice share it was measured at
         # per stage: recent (step, CPUs, measured capacity) samples
         self.history: list[list[tuple[int, int, float]]] = [[] for _ in range(n)]
@@ -189,14 +189,14 @@ class Estimator:
                 else:
                     self.rate[i] += self.beta * (r - self.rate[i])
                 if (prev is not None and alloc[i] == prev[i] and share == self._last_share
-                        and self._last[i] > 0):
+                        and self._last_rate[i] > 0):
                     # Noise from consecutive samples of one allocation only: a move
                     # changes the per-CPU rate of a capped stage (and the smoothed rate
                     # lags it), which is not noise; the difference of two samples has
                     # twice one sample's variance.
-                    rel = (r - self._last[i]) / self._last[i]
+                    rel = (r - self._last_rate[i]) / self._last_rate[i]
                     self.noise_var[i] += 0.1 * (rel * rel / 2 - self.noise_var[i])
-                self._last[i] = r
+                self._last_rate[i] = r
                 self.history[i].append((self.step, alloc[i], r * alloc[i]))
         elem = info["element_bytes"]
         static = float(info["memory_bytes"]) - sum(

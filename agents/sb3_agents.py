@@ -242,8 +242,8 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
         if key not in allowed:
             near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             raise HyperparamError(f"{at}: unknown hyperparameter"
-                             + (f"; did you mean {near[0]!r}?" if near else
-                                f" (not an argument of {ALGOS[algo].__name__})"))
+                                  + (f"; did you mean {near[0]!r}?" if near else
+                                     f" (not an argument of {ALGOS[algo].__name__})"))
         if isinstance(value, float) and not math.isfinite(value):
             raise HyperparamError(f"{at}: expected a finite number, got {value!r}")
         # the constructor's default tells the type (SB3 checks few of them itself); the
@@ -271,11 +271,11 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
                         ("n_eval_episodes", 1, 10**4)):
         v = hp.get(key, lo)
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise HyperparamError(f"{where}.{key}: expected an integer from {lo} to {hi:,}, got "
-                             f"{echo(repr(v))}")
+            raise HyperparamError(f"{where}.{key}: expected an integer from {lo} to "
+                                  f"{hi:,}, got {echo(repr(v))}")
     if hp.get("policy", "MlpPolicy") != "MlpPolicy":
-        raise HyperparamError(f"{where}.policy: expected MlpPolicy (observations are one vector), "
-                         f"got {echo(repr(hp['policy']))}")
+        raise HyperparamError(f"{where}.policy: expected MlpPolicy (observations are one "
+                              f"vector), got {echo(repr(hp['policy']))}")
     pk = hp.get("policy_kwargs")
     if pk is not None:
         if not isinstance(pk, dict):
@@ -540,7 +540,7 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
         train_env.close()
         eval_env.close()
         raise HyperparamError(f"{where}: {ALGOS[algo].__name__} refused the hyperparameters: "
-                         f"{echo(str(err) or type(err).__name__)}") from None
+                              f"{echo(str(err) or type(err).__name__)}") from None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".train-") as tmp:
         tmpd = Path(tmp)
         on_best = _SaveStatsOnBest()

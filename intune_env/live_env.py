@@ -269,8 +269,7 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
         """Refuse a start that cannot fit the memory budget: this process tree's RSS now
         plus what the pipeline holds once warm (:func:`live.memory_need`, the live
         pipeline's memory model: workers, shuffle buffers, stage buffers, staging)."""
-        need = live.memory_need(self.config, self.batch_size, alloc,
-                                tree_rss())
+        need = live.memory_need(self.config, self.batch_size, alloc, tree_rss())
         if need.total > self.memory_capacity_bytes:
             raise ValueError(
                 f"{what} {list(alloc)} needs about {need.total / MIB:.0f} MiB once warm "

@@ -136,10 +136,11 @@ def test_invalid_moves_are_flagged_no_ops_and_bad_actions_raise(tiny) -> None:
 
 def test_exceeding_the_memory_budget_terminates_like_an_oom(tiny) -> None:
     # Budget: what this process uses now plus 48 MiB. Big per-worker shuffle buffers
-    # (~270 B a sample) then outgrow it within a few intervals. (An explicit start with
-    # these numbers is refused up front; the default start is not, and it runs out.)
+    # (~270 B a sample, up to ~500 MiB each: room for a baseline that was inflated by a
+    # previous test's exiting children) then outgrow it within a few intervals. (An
+    # explicit start with these numbers is refused up front; the default start is not.)
     budget = tree_rss() / 2**20 + 48
-    cfg = {**tiny, "read_latency_ms": 0.0, "shuffle_buffer": 600_000,
+    cfg = {**tiny, "read_latency_ms": 0.0, "shuffle_buffer": 2_000_000,
            "memory_budget_mib": budget, "control_interval_s": 0.25}
     env = InTuneLiveEnv(**cfg)
     try:
