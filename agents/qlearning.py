@@ -12,7 +12,8 @@ and a table learnt on some pipelines applies to others. Three files, read in thi
 Abstract state (``FEATURES``): which is the bottleneck (the GPU / a stage that can take
 another CPU / a stage that cannot: at ``max_cpus`` or saturated), CPUs (some free / none
 free / oversubscribed after the machine shrank), whether some stage has clear slack (it
-would still exceed the current bottleneck rate by ``slack_margin`` with one CPU fewer), and
+would still exceed the current bottleneck rate by ``slack_margin`` with one CPU fewer, and,
+unless memory binds, by two standard errors of the two measured rates), and
 memory (the bottleneck's next worker fits / does not fit, told apart only while a CPU is
 free / the current allocation's worst case already exceeds the limit). Abstract actions
 (``ACTIONS``): ``noop``; ``give`` one CPU to the bottleneck stage; ``take`` one CPU from
@@ -68,10 +69,12 @@ more threads than CPUs. When no CPU is free and the bottleneck could take a work
 memory fits, the agent adds a time-sliced thread for it as a whole allocation
 (``set_allocation``; env actions never oversubscribe) if its model says it pays: before
 the context-switch overhead is measured, one thread is valued with a cautious prior
-(``slice_overhead``); crossing into time-slicing makes the estimator measure the overhead
-from the other stages' rates, and from then on one planner decides both adding and
-shedding threads (adding needs twice the margin and no release in the last
-``MEMORY_STEPS`` steps, so the two never alternate). These moves are plans, not learnt.
+(``slice_overhead``), and so is the best time-sliced plan (two stages tied as the
+bottleneck gain only from a thread each, which no single thread shows); crossing into
+time-slicing makes the estimator measure the overhead from the other stages' rates, and
+from then on one planner decides both adding and shedding threads (adding needs twice
+the margin and no release in the last ``MEMORY_STEPS`` steps, so the two never
+alternate). These moves are plans, not learnt.
 If the thread would pay but the bottleneck's worker memory is unknown and its bound does
 not fit, the agent probes it first (no CPU is free, so no ``give`` would ever come to
 probe it).
@@ -277,7 +280,7 @@ class QLearningAgent(Agent):
             q, visits, meta = read_table(path)
             self.q, self.visits, self.metadata = q, visits, meta
         self.name = "qlearning" if pretrained else "qlearning-scratch"
-        self._est = Estimator(self.rate_ema)
+        self._est = Estimator(self.rate_ema, self.slice_overhead)
         self._cache_info: dict[str, Any] | None = None
         self._cache: Perception | None = None
         self._last: tuple[Perception, int, bool] | None = None  # (perception, action, learnable)
@@ -307,25 +310,6 @@ class QLearningAgent(Agent):
         gpu_bound = caps[b] >= gpu_rate * (1 - self.gpu_tolerance)
         target = gpu_rate if gpu_bound else caps[b]
         free = cpus_total - sum(alloc)
-        share_less = est.share([*alloc[:-1], alloc[-1] - 1], cpus_total)
-        # take: the stage that keeps the most capacity relative to the target with one
-        # CPU fewer (the bottleneck itself only as a last resort).
-        best, best_over = -1, -math.inf
-        sat_b = est.saturated_at[b]
-        # On its plateau: releasing a CPU loses nothing (or, one below the known plateau,
-        # tests whether the plateau reaches further down; see Estimator._extend_plateau).
-        flat_b = bool(sat_b) and (alloc[b] > sat_b if est.floor_found[b] else alloc[b] >= sat_b)
-        for j in range(n):
-            if alloc[j] <= 1 or (j == b and not gpu_bound and not flat_b):
-                continue
-            over = est.capacity(j, alloc[j] - 1, alloc[j]) * share_less / target if target > 0 \
-                else math.inf
-            if j == b and flat_b:
-                over = max(over, 1 + self.slack_margin)  # on its plateau: a spare CPU
-            if over > best_over:
-                best, best_over = j, over
-        slack = best >= 0 and best_over >= 1 + self.slack_margin
-        take_stage = best if best >= 0 else (b if alloc[b] > 1 else -1)
         # memory
         elem = info["element_bytes"]
         capacity = float(info["memory_capacity_bytes"])
@@ -355,6 +339,32 @@ class QLearningAgent(Agent):
             fits = worst + give_bytes <= limit
             if not fits and (w is None or dbuf is None) and alloc[b] > 1:
                 probe, fits = True, True  # measure before deciding
+        share_less = est.share([*alloc[:-1], alloc[-1] - 1], cpus_total)
+        # take: the stage that keeps the most capacity relative to the target with one
+        # CPU fewer (the bottleneck itself only as a last resort).
+        best, best_over = -1, -math.inf
+        sat_b = est.saturated_at[b]
+        # On its plateau: releasing a CPU loses nothing (or, one below the known plateau,
+        # tests whether the plateau reaches further down; see Estimator._extend_plateau).
+        flat_b = bool(sat_b) and (alloc[b] > sat_b if est.floor_found[b] else alloc[b] >= sat_b)
+        for j in range(n):
+            if alloc[j] <= 1 or (j == b and not gpu_bound and not flat_b):
+                continue
+            over = est.capacity(j, alloc[j] - 1, alloc[j]) * share_less / target if target > 0 \
+                else math.inf
+            if j == b and flat_b:
+                over = max(over, 1 + self.slack_margin)  # on its plateau: a spare CPU
+            if over > best_over:
+                best, best_over = j, over
+        slack = best >= 0 and best_over >= 1 + self.slack_margin
+        take_stage = best if best >= 0 else (b if alloc[b] > 1 else -1)
+        if slack and fits and not critical and not (best == b and flat_b):
+            # Clear slack also needs two standard errors of the two smoothed rates, so
+            # that noise alone cannot make a near-bottleneck look over-provisioned (it
+            # walked one up and down). Not where memory binds: there a release is what
+            # lets the bottleneck's next worker fit.
+            var = est.rate_rel_var(best) + (0.0 if gpu_bound else est.rate_rel_var(b))
+            slack = best_over >= 1 + 2 * math.sqrt(var)
         blocked = alloc[b] >= max_cpus[b] or (
             est.saturated_at[b] > 0 and alloc[b] >= est.saturated_at[b])
         f_b = 0 if gpu_bound else (2 if blocked else 1)
@@ -430,13 +440,14 @@ class QLearningAgent(Agent):
             return False, fallback
         return True, max(range(n), key=lambda j: alloc[j] - sub[j])
 
-    def _planner(self, alloc: list[int], info: dict[str, Any], worst: float) -> tuple[
-            Any, Any]:
+    def _planner(self, alloc: list[int], info: dict[str, Any], worst: float,
+                 overhead: float | None = None) -> tuple[Any, Any]:
         """``(objective, best)`` for plans around ``alloc`` (see :meth:`_shed_move`).
 
         ``objective(a)``: estimated throughput of ``a`` under the measured time-slicing
-        share, minus the memory term; ``best(limits, budget)``: the best allocation with
-        at most ``limits`` CPUs per stage and ``budget`` in all, and its objective.
+        share (or that of ``overhead``), minus the memory term; ``best(limits, budget)``:
+        the best allocation with at most ``limits`` CPUs per stage and ``budget`` in all,
+        and its objective.
         """
         est = self._est
         n = len(alloc)
@@ -448,7 +459,8 @@ class QLearningAgent(Agent):
 
         def objective(a: list[int]) -> float:
             mem = worst - sum((alloc[j] - a[j]) * freed[j] for j in range(n))
-            return est.throughput(a, cpus, gpu, alloc) - self.memory_weight * mem / capacity
+            return (est.throughput(a, cpus, gpu, alloc, overhead)
+                    - self.memory_weight * mem / capacity)
 
         def best(limits: list[int], budget: float) -> tuple[float, list[int] | None]:
             """Best allocation with at most ``limits`` CPUs per stage and ``budget`` in all."""
@@ -477,8 +489,12 @@ class QLearningAgent(Agent):
         gain must exceed ``slack_margin`` (relative) after the memory term. Once a thread
         beyond the machine is added, the estimator measures the overhead from the change
         of the other stages' rates, and the shedding plan (:meth:`_shed_move`) undoes
-        the move if the measured share says it does not pay. ``memory=False`` leaves the
-        memory term out (asked before the thread's memory is measured, see :meth:`act`).
+        the move if the measured share says it does not pay. If one thread does not pay,
+        the best time-sliced plan (:meth:`_planner`, same overhead) may: with stages tied
+        as the bottleneck only a thread for each gains, so the bottleneck's thread is its
+        first step (twice the margin, as for adding while time-sliced). ``memory=False``
+        leaves the memory term out (asked before the thread's memory is measured, see
+        :meth:`act`).
         """
         est = self._est
         alloc = list(p.allocation)
@@ -512,12 +528,21 @@ class QLearningAgent(Agent):
         more[b] += 1
         x_now = value(alloc)
         gain = value(more) - x_now - memory * self.memory_weight * p.give_bytes / capacity
-        return gain > self.slack_margin * x_now
+        if gain > self.slack_margin * x_now:
+            return True
+        # One thread may not pay where several would: with two stages tied as the
+        # bottleneck, a thread for one only taxes both. Value the best plan with the
+        # same overhead: a thread for the bottleneck is its first step.
+        objective, best = self._planner(alloc, info, p.worst_fraction * capacity, overhead)
+        x_all, plan = best([int(m) for m in info["max_cpus"]], math.inf)
+        x_cur = objective(alloc)
+        return (plan is not None and plan[b] > alloc[b] and sum(plan) > cpus
+                and x_all - x_cur > 2 * self.slack_margin * abs(x_cur))
 
     # --- Agent API -----------------------------------------------------------------
     def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
         """Start an episode: forget the pipeline estimates, keep the table."""
-        self._est = Estimator(self.rate_ema)
+        self._est = Estimator(self.rate_ema, self.slice_overhead)
         self._est.start(info)
         self._cache_info, self._cache, self._last = None, None, None
         self._last_shed = -10**9

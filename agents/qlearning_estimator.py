@@ -4,8 +4,11 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
 
 - per-stage capacity: ``processed / busy seconds`` is the rate of one CPU of the stage
   (``stage_busy_s = utilisation * cpus * dt``), divided by the time-slice share when the
-  machine is oversubscribed and smoothed by an exponential moving average (``rate_ema``);
-  capacity with ``k`` CPUs is estimated as ``rate * k``. Scaling down is conservative for
+  machine is oversubscribed and smoothed by an exponential moving average whose factor
+  adapts to the measured noise (``rate_ema`` for quiet stages, down to ``MIN_EMA`` so that
+  the average's relative standard error nears ``RATE_SE``: under noise cv 0.15 the
+  fixed factor let single samples move every decision); capacity with ``k`` CPUs is
+  estimated as ``rate * k``. Scaling down is conservative for
   concave stages (contention, bandwidth caps), so slack is never over-estimated. The
   measurement noise (which sizes every statistical test here) comes from consecutive
   samples of one allocation only: a move changes a capped stage's per-CPU rate, which is
@@ -15,7 +18,10 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   switches) is fitted by least squares after the machine is resized (or the agent
   oversubscribes), from each stage's mean per-CPU rate measured after the crossing
   divided by its plain-mean rate just before (same CPUs for the stage, so only the share
-  differs), the evidence of every crossing kept;
+  differs), the evidence of every crossing kept, shrunk towards the agent's prior
+  (``slice_overhead``) with the weight of one sample at 100% oversubscription (a fit
+  from one thread over the machine, which says little, found 0 and made time-slicing
+  look free);
 - memory: ``static = memory_bytes - sum(buffer_levels * element_bytes)`` is the memory of
   workers, fixed state and everything outside the pipeline; it changes only when CPUs
   change (or an event happens), so after a one-CPU move on stage ``i`` the change of
@@ -51,8 +57,9 @@ import numpy as np
 class Estimator:
     """Online per-stage estimates of capacity, per-worker memory and saturation."""
 
-    def __init__(self, rate_ema: float) -> None:
+    def __init__(self, rate_ema: float, overhead_prior: float | None = None) -> None:
         self.beta = rate_ema
+        self.overhead_prior = overhead_prior
         self.n = 0
 
     #: Samples (over at least two CPU counts) before judging whether added CPUs help.
@@ -101,9 +108,13 @@ class Estimator:
         self._slice_alloc: list[int] = []  # the allocation they were measured with
         self._slice_step = -self.MEMORY_STEPS
 
-    def share(self, alloc: Sequence[int], cpus_total: int) -> float:
-        """Estimated fraction of a dedicated CPU's rate each worker of ``alloc`` gets."""
-        return time_share(alloc, cpus_total, self.overhead or 0.0)
+    def share(self, alloc: Sequence[int], cpus_total: int,
+              overhead: float | None = None) -> float:
+        """Estimated fraction of a dedicated CPU's rate each worker of ``alloc`` gets
+        (with the measured overhead unless ``overhead`` is given)."""
+        if overhead is None:
+            overhead = self.overhead or 0.0
+        return time_share(alloc, cpus_total, overhead)
 
     def _fit_overhead(self, alloc: list[int], cpus_total: int, busy: Sequence[float],
                       processed: Sequence[float]) -> None:
@@ -138,7 +149,12 @@ class Estimator:
             sxx += cnt * lvl * lvl
             sxy += cnt * lvl * y
         if sxx > 0:
-            self.overhead = max(0.0, sxy / sxx)
+            # Shrunk towards the prior with the weight of one sample at 100%
+            # oversubscription: slight oversubscription (small x) says little, and a fit
+            # of 0 from it made time-slicing look free.
+            w0 = 0.0 if self.overhead_prior is None else self.OVERHEAD_PRIOR_WEIGHT
+            prior = self.overhead_prior or 0.0
+            self.overhead = max(0.0, (sxy + w0 * prior) / (sxx + w0))
 
     def _reference_rates(self, prev: list[int]) -> list[float]:
         """Per-CPU rates before a resize: the mean of the recent samples at ``prev``.
@@ -187,7 +203,7 @@ class Estimator:
                 if math.isnan(self.rate[i]) or resized:
                     self.rate[i] = r  # time-slicing changed: old rates are stale
                 else:
-                    self.rate[i] += self.beta * (r - self.rate[i])
+                    self.rate[i] += self.ema_factor(i) * (r - self.rate[i])
                 if (prev is not None and alloc[i] == prev[i] and share == self._last_share
                         and self._last_rate[i] > 0):
                     # Noise from consecutive samples of one allocation only: a move
@@ -336,6 +352,28 @@ class Estimator:
             self.saturated_at[i] = k + 1  # the plateau starts above k
             self.floor_found[i] = True
 
+    #: Weight of the overhead prior in the fit (in samples at 100% oversubscription).
+    OVERHEAD_PRIOR_WEIGHT = 1.0
+    #: Relative standard error the smoothed rates aim for under noise.
+    RATE_SE = 0.02
+    #: Smallest smoothing factor (the slowest response to a change: ~20 steps).
+    MIN_EMA = 0.05
+
+    def ema_factor(self, i: int) -> float:
+        """Smoothing factor of stage ``i``'s rate, adapted to its measured noise.
+
+        An average of factor ``beta`` over samples of relative variance ``v`` has
+        variance ``v * beta / (2 - beta)``: the factor that reaches ``RATE_SE`` is
+        ``2 / (v / RATE_SE**2 + 1)``, at most ``rate_ema`` (quiet pipelines keep their
+        quick response) and at least ``MIN_EMA`` (a noisy one still follows events).
+        """
+        return max(self.MIN_EMA, min(self.beta, 2 / (self.noise_var[i] / self.RATE_SE**2 + 1)))
+
+    def rate_rel_var(self, i: int) -> float:
+        """Relative variance of the smoothed per-CPU rate of stage ``i`` (see ema_factor)."""
+        f = self.ema_factor(i)
+        return self.noise_var[i] * f / (2 - f)
+
     def capacity(self, i: int, k: int, now: int | None = None) -> float:
         """Estimated samples/s of stage ``i`` with ``k`` dedicated CPUs (holding ``now``).
 
@@ -351,9 +389,9 @@ class Estimator:
         return r * k
 
     def throughput(self, alloc: Sequence[int], cpus_total: int, gpu_rate: float,
-                   now: Sequence[int]) -> float:
+                   now: Sequence[int], overhead: float | None = None) -> float:
         """Estimated steady throughput of ``alloc`` (rates measured holding ``now``)."""
-        share = self.share(alloc, cpus_total)
+        share = self.share(alloc, cpus_total, overhead)
         slowest = min(self.capacity(i, k, now[i]) for i, k in enumerate(alloc)) * share
         return min(1.0, slowest / gpu_rate) if math.isfinite(slowest) else 0.0
 
