@@ -688,27 +688,44 @@ def test_rate_smoothing_adapts_to_the_measured_noise() -> None:
     # whose standard error is near RATE_SE, never slower than MIN_EMA.
     assert quiet.ema_factor(0) == pytest.approx(0.3)
     assert ql.Estimator.MIN_EMA <= noisy.ema_factor(0) < 0.1
-    assert math.sqrt(noisy.rate_rel_var(0)) == pytest.approx(ql.Estimator.RATE_SE, rel=0.5)
-    assert math.sqrt(quiet.rate_rel_var(0)) < ql.Estimator.RATE_SE
+    def se(est: ql.Estimator) -> float:  # relative standard error of the average
+        f = est.ema_factor(0)
+        return math.sqrt(est.noise_var[0] * f / (2 - f))
+
+    assert se(noisy) == pytest.approx(ql.Estimator.RATE_SE, rel=0.5)
+    assert se(quiet) < ql.Estimator.RATE_SE
+
+
+def _slack(cv: float, over: float = 1.06, **kwargs: Any) -> int:
+    """The slack feature after 60 noisy steps, stage 1 ``over`` x the bottleneck (stage 0)
+    with one CPU fewer."""
+    agent = QLearningAgent(seed=0, **kwargs)
+    rates, alloc = [100.0, 100.0 * over], [3, 4]  # stage 1 with 3 CPUs: over x 300
+    rng = np.random.default_rng(2)
+    info = _info(alloc, 5 * GIB, rates, cpus=8)
+    agent.reset(np.zeros(1), info)
+    for _ in range(60):
+        z = 1 + cv * rng.standard_normal(2)
+        info = _info(alloc, 5 * GIB, list(np.array(rates) * z), cpus=8)
+        p = agent._perceive(info)
+    return p.features[2]
 
 
 def test_a_near_bottleneck_is_not_slack_under_noise() -> None:
-    # Stage 1 would be 6% above the bottleneck (stage 0) with one CPU fewer: slack by the
-    # fixed margin (3%), but within two standard errors of the two rates at noise cv 0.2.
-    def slack(cv: float) -> int:
-        agent = QLearningAgent(seed=0)
-        rates, alloc = [100.0, 106.0], [3, 4]  # stage 1: 318 with 3 CPUs, 300 needed
-        rng = np.random.default_rng(2)
-        info = _info(alloc, 5 * GIB, rates, cpus=8)
-        agent.reset(np.zeros(1), info)
-        for _ in range(60):
-            z = 1 + cv * rng.standard_normal(2)
-            info = _info(alloc, 5 * GIB, list(np.array(rates) * z), cpus=8)
-            p = agent._perceive(info)
-        return p.features[2]
+    # 6% above the bottleneck with one CPU fewer: slack by the fixed margin (3%), but
+    # within two standard errors of the two smoothed rates at noise cv 0.2.
+    assert _slack(0.005) == 1
+    assert _slack(0.2) == 0
 
-    assert slack(0.005) == 1
-    assert slack(0.2) == 0
+
+def test_noise_headroom_keeps_spare_capacity_under_noise() -> None:
+    # 10% above the bottleneck at noise cv 0.1: slack by two standard errors of the
+    # smoothed rates, not by two standard deviations of one step's noise on them.
+    assert _slack(0.1, over=1.10) == 1
+    assert _slack(0.1, over=1.10, noise_headroom=2.0) == 0
+    assert _slack(0.005, over=1.10, noise_headroom=2.0) == 1
+    with pytest.raises(ValueError, match="noise_headroom"):
+        QLearningAgent(noise_headroom=-1)
 
 
 def test_overhead_fit_from_slight_oversubscription_is_shrunk_towards_the_prior() -> None:
