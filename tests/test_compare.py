@@ -200,3 +200,22 @@ def test_sb3_model_trained_once_and_cached(tmp_path: Path) -> None:
         third.rerun["machine-resize__a2c__seed0"]
     assert float(third.rows[0]["train_wall_s"]) > 0
     assert len(list(model.parent.glob("seed0-*.zip"))) == 2
+
+
+def test_fingerprints_carry_the_package_source(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agent or simulator code edited without a version bump: no result is reused."""
+    from agents.compare import grid
+
+    def plan() -> list[str]:
+        scenarios = grid.resolve_scenarios(["dlrm-criteo"])
+        specs = grid.plan_grid(scenarios, ["even", "qlearning-scratch"], [0], tmp_path, 60.0)
+        return [s.fingerprint for s in specs]
+
+    before = plan()
+    assert plan() == before  # same code, same fingerprints (resumes reuse runs)
+    digest = grid.source_digest()
+    assert len(digest) == 64
+    monkeypatch.setattr(grid, "source_digest", lambda: "0" * 64)
+    after = plan()
+    assert all(a != b for a, b in zip(after, before, strict=True))

@@ -8,9 +8,10 @@ A run is keyed twice:
 - its *fingerprint* is a hash of everything that determines the result: the validated
   scenario content, the duration, the agent and its options (a registered factory's
   import path, a given model's bytes, the pretrained Q-table's bytes), the seed, the
-  SB3 budget and hyperparameters, the package version and the source of every loaded
-  plugin. A result file is reused only if it parses, validates and carries the same
-  fingerprint; otherwise the run is rerun and the reason is said.
+  SB3 budget and hyperparameters, the package version, the package's own source
+  (:func:`source_digest`) and the source of every loaded plugin. A result file is
+  reused only if it parses, validates and carries the same fingerprint; otherwise the
+  run is rerun and the reason is said.
 
 SB3 models a run trains are cached under ``OUT/models/<scenario>/<agent>/`` in a file
 named by the fingerprint of their training inputs, so a changed budget or scenario
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -130,6 +132,22 @@ def _pretrained_digest() -> str:
     return _file_digest(path) if path.exists() else "-"
 
 
+@functools.cache
+def source_digest() -> str:
+    """Digest of the package's own source (``agents``, ``intune_env``, ``simulators``:
+    every ``.py`` and scenario file). The agents' and the simulator's code decides every
+    result, and a change to it need not change the package version: without it a rerun
+    reused results of the previous code for agents without a table file."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for pkg in ("agents", "intune_env", "simulators"):
+        for path in sorted((root / pkg).rglob("*")):
+            if path.suffix in (".py", ".yaml", ".yml") and path.is_file():
+                h.update(str(path.relative_to(root)).encode() + b"\0")
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def _model_digest(zpath: Path) -> str:
     """Digest of a given model: the zip and the sidecars next to it. The zip is checked
     first (readable, an SB3 archive, sizes within bounds), so a bad file given with
@@ -211,6 +229,7 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
     budgets: dict[str, int] = {}
     hparams: dict[str, dict[str, Any]] = {}
     version = package_version()
+    code = source_digest()
     for agent in agents:
         if agent in registry.SB3_AGENTS:
             from agents.sb3_agents import load_hyperparams
@@ -233,7 +252,7 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
                     budget = sb3_steps if sb3_steps is not None else budgets[agent]
                     train_in = {"scenario": data, "agent": agent, "seed": seed,
                                 "steps": budget, "hyperparams": hparams[agent],
-                                "version": version, "format": RUN_FORMAT}
+                                "version": version, "code": code, "format": RUN_FORMAT}
                     if plugin_code:
                         train_in["plugins"] = plugin_code
                     train_fp = fingerprint(train_in)
@@ -245,7 +264,8 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
                                     "hyperparams": hparams[agent]}
                     else:
                         agent_id = {**agent_id, "model": _model_digest(Path(model))}
-                payload = {"format": RUN_FORMAT, "version": version, "scenario": data,
+                payload = {"format": RUN_FORMAT, "version": version, "code": code,
+                           "scenario": data,
                            "duration_s": float(duration_s), "agent": agent_id,
                            "seed": int(seed)}
                 if plugin_code:  # only with plugins, so other fingerprints stay as they were
