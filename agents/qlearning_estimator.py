@@ -5,10 +5,10 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
 - per-stage capacity: ``processed / busy seconds`` is the rate of one CPU of the stage
   (``stage_busy_s = utilisation * cpus * dt``), divided by the time-slice share when the
   machine is oversubscribed and smoothed by an exponential moving average whose factor
-  adapts to the measured noise (``rate_ema`` for quiet stages, down to ``MIN_EMA`` so that
-  the average's relative standard error nears ``RATE_SE``: under noise cv 0.15 the
-  fixed factor let single samples move every decision); capacity with ``k`` CPUs is
-  estimated as ``rate * k``. Scaling down is conservative for
+  adapts to the measured noise (``rate_ema`` below noise cv ~5%, down to ``MIN_EMA`` above
+  ~12%, in between the factor whose average has relative standard error ``RATE_SE``:
+  under noise cv 0.15 the fixed factor let single samples move every decision);
+  capacity with ``k`` CPUs is estimated as ``rate * k``. Scaling down is conservative for
   concave stages (contention, bandwidth caps), so slack is never over-estimated. The
   measurement noise (which sizes every statistical test here) comes from consecutive
   samples of one allocation only: a move changes a capped stage's per-CPU rate, which is
@@ -367,7 +367,8 @@ class Estimator:
         ``2 / (v / RATE_SE**2 + 1)``, at most ``rate_ema`` (quiet pipelines keep their
         quick response) and at least ``MIN_EMA`` (a noisy one still follows events).
         """
-        return max(self.MIN_EMA, min(self.beta, 2 / (self.noise_var[i] / self.RATE_SE**2 + 1)))
+        return max(min(self.MIN_EMA, self.beta),
+                   min(self.beta, 2 / (self.noise_var[i] / self.RATE_SE**2 + 1)))
 
     def rate_rel_var(self, i: int) -> float:
         """Relative variance of the smoothed per-CPU rate of stage ``i`` (see ema_factor)."""
@@ -378,14 +379,16 @@ class Estimator:
         """Estimated samples/s of stage ``i`` with ``k`` dedicated CPUs (holding ``now``).
 
         Linear in ``k`` from the measured per-CPU rate, except that a saturated stage
-        keeps its capacity down to its saturation point.
+        keeps its capacity down to its saturation point, and held below it, is valued at
+        most at its measured plateau beyond it.
         """
         r = self.rate[i]
         if math.isnan(r):
             return math.inf
         sat = self.saturated_at[i]
-        if now is not None and sat and k >= sat and now >= sat:
-            return r * now  # flat beyond the saturation point
+        if now is not None and sat and k >= sat:
+            # flat beyond the saturation point (from below: the plateau measured there)
+            return r * now if now >= sat else min(r * k, self.plateau[i])
         return r * k
 
     def throughput(self, alloc: Sequence[int], cpus_total: int, gpu_rate: float,

@@ -214,8 +214,30 @@ def test_fingerprints_carry_the_package_source(tmp_path: Path,
 
     before = plan()
     assert plan() == before  # same code, same fingerprints (resumes reuse runs)
-    digest = grid.source_digest()
-    assert len(digest) == 64
-    monkeypatch.setattr(grid, "source_digest", lambda: "0" * 64)
+    monkeypatch.setattr(grid, "source_digest", lambda *a, **k: "0" * 64)
     after = plan()
     assert all(a != b for a, b in zip(after, before, strict=True))
+
+
+def test_source_digest_follows_code_not_byte_caches(tmp_path: Path) -> None:
+    from agents.compare.grid import source_digest
+
+    pkg = tmp_path / "agents"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "scen.yaml").write_text("name: s\n")
+
+    def digest() -> str:
+        source_digest.cache_clear()
+        return source_digest(("agents",), tmp_path)
+
+    first = digest()
+    (pkg / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0" * 8)
+    (pkg / "notes.txt").write_text("not code")
+    assert digest() == first
+    (pkg / "a.py").write_text("x = 2\n")
+    assert digest() != first
+    (pkg / "a.py").write_text("x = 1\n")
+    assert digest() == first
+    (pkg / "scen.yaml").write_text("name: t\n")
+    assert digest() != first

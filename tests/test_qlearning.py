@@ -694,33 +694,37 @@ def test_rate_smoothing_adapts_to_the_measured_noise() -> None:
 
     assert se(noisy) == pytest.approx(ql.Estimator.RATE_SE, rel=0.5)
     assert se(quiet) < ql.Estimator.RATE_SE
+    # ... and the update uses it: a sample 50% above moves the rate by factor x 50%.
+    for est in (quiet, noisy):
+        f, before = est.ema_factor(0), est.rate[0]
+        est.update(_info([2, 2], 5 * GIB, [1.5 * before, 100.0]))
+        assert est.rate[0] - before == pytest.approx(f * 0.5 * before, rel=1e-6)
 
 
 def _slack(cv: float, over: float = 1.06, **kwargs: Any) -> int:
-    """The slack feature after 60 noisy steps, stage 1 ``over`` x the bottleneck (stage 0)
-    with one CPU fewer."""
+    """The slack feature with stage 1 ``over`` x the bottleneck (stage 0) with one CPU
+    fewer, both rates measured exactly and the measured noise set to ``cv``."""
     agent = QLearningAgent(seed=0, **kwargs)
     rates, alloc = [100.0, 100.0 * over], [3, 4]  # stage 1 with 3 CPUs: over x 300
-    rng = np.random.default_rng(2)
     info = _info(alloc, 5 * GIB, rates, cpus=8)
     agent.reset(np.zeros(1), info)
-    for _ in range(60):
-        z = 1 + cv * rng.standard_normal(2)
-        info = _info(alloc, 5 * GIB, list(np.array(rates) * z), cpus=8)
-        p = agent._perceive(info)
-    return p.features[2]
+    for _ in range(3):
+        agent._perceive(_info(alloc, 5 * GIB, rates, cpus=8))
+    agent._est.noise_var = [cv * cv / 0.9] * 2  # (the next sample, exact, decays it 10%)
+    return agent._perceive(_info(alloc, 5 * GIB, rates, cpus=8)).features[2]
 
 
 def test_a_near_bottleneck_is_not_slack_under_noise() -> None:
     # 6% above the bottleneck with one CPU fewer: slack by the fixed margin (3%), but
-    # within two standard errors of the two smoothed rates at noise cv 0.2.
+    # within two standard errors of the two smoothed rates at noise cv 0.2 (~9%).
     assert _slack(0.005) == 1
     assert _slack(0.2) == 0
+    assert _slack(0.2, over=1.10) == 1
 
 
 def test_noise_headroom_keeps_spare_capacity_under_noise() -> None:
     # 10% above the bottleneck at noise cv 0.1: slack by two standard errors of the
-    # smoothed rates, not by two standard deviations of one step's noise on them.
+    # smoothed rates (~6%), not by two standard deviations of one step's noise (~28%).
     assert _slack(0.1, over=1.10) == 1
     assert _slack(0.1, over=1.10, noise_headroom=2.0) == 0
     assert _slack(0.005, over=1.10, noise_headroom=2.0) == 1
@@ -774,3 +778,16 @@ def test_time_slicing_pays_for_two_stages_tied_as_the_bottleneck() -> None:
     agent, p, info = _tied([100.0, 100.0, 1000.0])
     info = {**info, "max_cpus": [4, 1, 4]}
     assert not agent._slice_pays(p, info)
+
+
+def test_a_stage_held_below_its_mark_is_valued_at_most_at_its_plateau() -> None:
+    # A capped stage released below its mark (the plateau starts above the CPUs it holds):
+    # more CPUs are worth the measured plateau, not the linear extrapolation, or every
+    # plan would add the thread the release test just showed useless.
+    est = ql.Estimator(0.3)
+    est.start(_info([1, 1], 5 * GIB, [300.0, 1000.0]))
+    est.update(_info([1, 1], 5 * GIB, [300.0, 1000.0]))
+    est.saturated_at[0], est.plateau[0], est.floor_found[0] = 2, 350.0, True
+    assert est.capacity(0, 1, now=1) == pytest.approx(300.0)
+    assert est.capacity(0, 3, now=1) == pytest.approx(350.0)
+    assert est.capacity(1, 3, now=1) == pytest.approx(3000.0)  # not saturated: linear

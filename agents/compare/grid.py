@@ -132,18 +132,29 @@ def _pretrained_digest() -> str:
     return _file_digest(path) if path.exists() else "-"
 
 
+#: The package's own source, whose code decides every run's result.
+RUN_SOURCE = ("agents", "intune_env", "simulators")
+#: What an SB3 model's training depends on: the env, the simulator and the SB3 wrapper
+#: (not the comparison's reports or other agents, so editing those keeps cached models).
+TRAIN_SOURCE = ("intune_env", "simulators", "agents/sb3_agents.py")
+
+
 @functools.cache
-def source_digest() -> str:
-    """Digest of the package's own source (``agents``, ``intune_env``, ``simulators``:
-    every ``.py`` and scenario file). The agents' and the simulator's code decides every
-    result, and a change to it need not change the package version: without it a rerun
-    reused results of the previous code for agents without a table file."""
-    root = Path(__file__).resolve().parents[2]
+def source_digest(parts: tuple[str, ...] = RUN_SOURCE, root: Path | None = None) -> str:
+    """Digest of the package's own source: every ``.py`` and scenario file under
+    ``parts`` (folders or files relative to ``root``, the checkout or install holding
+    the packages). The agents' and the simulator's code decides every result, and a
+    change to it need not change the package version: without it a rerun reused
+    results of the previous code for agents without a table file. Byte caches
+    (``__pycache__``) do not count."""
+    base = Path(__file__).resolve().parents[2] if root is None else root
     h = hashlib.sha256()
-    for pkg in ("agents", "intune_env", "simulators"):
-        for path in sorted((root / pkg).rglob("*")):
+    for part in parts:
+        top = base / part
+        paths = [top] if top.is_file() else sorted(top.rglob("*"))
+        for path in paths:
             if path.suffix in (".py", ".yaml", ".yml") and path.is_file():
-                h.update(str(path.relative_to(root)).encode() + b"\0")
+                h.update(path.relative_to(base).as_posix().encode() + b"\0")
                 h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
@@ -252,7 +263,8 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
                     budget = sb3_steps if sb3_steps is not None else budgets[agent]
                     train_in = {"scenario": data, "agent": agent, "seed": seed,
                                 "steps": budget, "hyperparams": hparams[agent],
-                                "version": version, "code": code, "format": RUN_FORMAT}
+                                "version": version, "code": source_digest(TRAIN_SOURCE),
+                                "format": RUN_FORMAT}
                     if plugin_code:
                         train_in["plugins"] = plugin_code
                     train_fp = fingerprint(train_in)
