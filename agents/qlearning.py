@@ -222,10 +222,10 @@ class QLearningAgent(Agent):
             a stage must stay above the bottleneck with one CPU fewer to count as slack.
             Under noise the throughput is the mean of the slowest noisy stage, which
             spare capacity raises (holding the even split beat the oracle's allocation
-            by 4-9% at noise cv 0.1-0.2). ``2`` halves the test-split episodes below the
-            even split that fits but triples the crashes at co-tenant arrivals (the
-            slack kept is memory; see ``benchmarks/results/generalization.md``), so the
-            default is ``0``.
+            by 4-9% at noise cv 0.1-0.2). Measured on round 5's first version, ``2``
+            cut the test-split episodes below the even split that fits from 51 to 21 but
+            tripled the crashes at co-tenant arrivals (the slack kept is memory; see
+            ``benchmarks/results/generalization.md``), so the default is ``0``.
     """
 
     name = "qlearning"
@@ -508,10 +508,10 @@ class QLearningAgent(Agent):
         because another stage then is the slowest (stages tied as the bottleneck gain
         only from a thread each) and the overhead is not measured yet, the best
         time-sliced plan (:meth:`_planner`, with the prior) may: the bottleneck's thread
-        is its first step, under the rules of
-        adding while time-sliced (it must beat the current allocation and the best split
-        of the machine by twice the margin, and no release in the last ``MEMORY_STEPS``
-        steps, so adding and shedding do not alternate). ``memory=False`` leaves the
+        is its first step, under the rules of adding while time-sliced (it must beat the
+        current allocation and the best split of the machine by twice the margin, and no
+        release in the last ``MEMORY_STEPS`` steps, so adding and shedding do not
+        alternate). ``memory=False`` leaves the
         memory term of the one-thread check out (asked before the thread's memory is
         measured, see :meth:`act`); the plan counts only measured workers' memory.
         """
@@ -554,8 +554,9 @@ class QLearningAgent(Agent):
         # only taxes the others. Then, until the overhead is measured, value the best
         # plan with the prior, under the rules of adding while time-sliced (above): a
         # thread for the bottleneck is its first step. Planned only in that case: a plan
-        # costs milliseconds (planning on every tie once measured cost 1.6x the wall
-        # time on the generated suite for ~0.5% of pipelines at >= 0.95).
+        # costs milliseconds (planning on every tie after the overhead is measured too
+        # cost 1.4-1.6x the wall time on the generated suite for ~0.5% more pipelines
+        # at >= 0.95 on the train split).
         slowest_after = min(range(len(more)), key=lambda i: est.capacity(i, more[i], alloc[i]))
         if (slowest_after == b or est.overhead is not None
                 or self._est.step - self._last_shed <= self._est.MEMORY_STEPS):
