@@ -557,10 +557,10 @@ class QLearningAgent(Agent):
         # costs milliseconds (planning on every tie after the overhead is measured too
         # cost 1.4-1.6x the wall time on the generated suite for ~0.5% more pipelines
         # at >= 0.95 on the train split).
-        slowest_after = min(range(len(more)), key=lambda i: est.capacity(i, more[i], alloc[i]))
-        if (slowest_after == b or est.overhead is not None
-                or self._est.step - self._last_shed <= self._est.MEMORY_STEPS):
+        if est.overhead is not None or est.step - self._last_shed <= est.MEMORY_STEPS:
             return False  # (once the overhead is measured, crossing was tried: see above)
+        if min(range(len(more)), key=lambda i: est.capacity(i, more[i], alloc[i])) == b:
+            return False  # no tie: the bottleneck is still the slowest with its thread
         objective, best = self._planner(alloc, info, p.worst_fraction * capacity, overhead)
         max_cpus = [int(m) for m in info["max_cpus"]]
         x_all, plan = best(max_cpus, math.inf)

@@ -68,6 +68,12 @@ class Estimator:
     MEMORY_STEPS = 25
     #: Steps after which a saturation mark is dropped and the stage probed again.
     SATURATION_STEPS = 300
+    #: Weight of the overhead prior in the fit (in samples at 100% oversubscription).
+    OVERHEAD_PRIOR_WEIGHT = 1.0
+    #: Relative standard error the smoothed rates aim for under noise.
+    RATE_SE = 0.02
+    #: Smallest smoothing factor (the slowest response to a change: ~20 steps).
+    MIN_EMA = 0.05
 
     def start(self, info: dict[str, Any]) -> None:
         n = len(info["allocation"])
@@ -152,8 +158,8 @@ class Estimator:
             # Shrunk towards the prior with the weight of one sample at 100%
             # oversubscription: slight oversubscription (small x) says little, and a fit
             # of 0 from it made time-slicing look free.
-            w0 = 0.0 if self.overhead_prior is None else self.OVERHEAD_PRIOR_WEIGHT
-            prior = self.overhead_prior or 0.0
+            prior, w0 = ((0.0, 0.0) if self.overhead_prior is None
+                         else (self.overhead_prior, self.OVERHEAD_PRIOR_WEIGHT))
             self.overhead = max(0.0, (sxy + w0 * prior) / (sxx + w0))
 
     def _reference_rates(self, prev: list[int]) -> list[float]:
@@ -351,13 +357,6 @@ class Estimator:
         else:
             self.saturated_at[i] = k + 1  # the plateau starts above k
             self.floor_found[i] = True
-
-    #: Weight of the overhead prior in the fit (in samples at 100% oversubscription).
-    OVERHEAD_PRIOR_WEIGHT = 1.0
-    #: Relative standard error the smoothed rates aim for under noise.
-    RATE_SE = 0.02
-    #: Smallest smoothing factor (the slowest response to a change: ~20 steps).
-    MIN_EMA = 0.05
 
     def ema_factor(self, i: int) -> float:
         """Smoothing factor of stage ``i``'s rate, adapted to its measured noise.
