@@ -380,7 +380,12 @@ class QLearningAgent(Agent):
             step_var = est.noise_var[best] + (0.0 if gpu_bound else est.noise_var[b])
             slack = best_over >= 1 + max(2 * math.sqrt(var),
                                           self.noise_headroom * math.sqrt(step_var))
-        blocked = alloc[b] >= max_cpus[b] or (
+        # Held one below its mark, the bottleneck is being tested (does the plateau reach
+        # down here? see Estimator._extend_plateau): a give would end the test after one
+        # sample, and the next release start it again (the release and give alternated,
+        # 8 steps per useless CPU).
+        testing = bool(sat_b) and not est.floor_found[b] and alloc[b] == sat_b - 1
+        blocked = alloc[b] >= max_cpus[b] or testing or (
             est.saturated_at[b] > 0 and alloc[b] >= est.saturated_at[b])
         f_b = 0 if gpu_bound else (2 if blocked else 1)
         f_c = 0 if free > 0 else (1 if free == 0 else 2)
