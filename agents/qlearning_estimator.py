@@ -38,7 +38,8 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   count where it was found; releases down to it are checked against the plateau on the
   way. While time-sliced, small but significant gains do not count as contention: the
   share model's error alone makes them, and they never pay for the share a thread takes
-  from every stage.
+  from every stage; and the last thread must show its own gain (the two highest thread
+  counts), since the line also spans counts below a cap, where threads still gained.
 
 
 Read next: :mod:`agents.qlearning` (state abstraction, Q-learning, shield) and
@@ -265,7 +266,8 @@ class Estimator:
         finding in a row (the first may be a rate drift that happened among
         the samples; they are then dropped). While time-sliced the first finding marks
         it: each useless thread taxes every stage, and the next thread may come only
-        after the first finding expired (the release test below the mark checks it).
+        after the first finding expired (the release test below the mark checks it),
+        and a line that shows a gain is checked against the last thread's own gain.
         The saturation point is where the per-CPU rate at the fewest CPUs measured (in
         either finding's window) would reach the plateau, within the noise of that rate.
         """
