@@ -296,40 +296,39 @@ class Estimator:
         def gains(g: float, g_se: float) -> bool:
             return g >= 0.25 * per_cpu or (g - 2 * g_se > 0 and not self.oversubscribed)
 
+        levels = np.unique(ks)
         if gains(slope, se):
-            # While time-sliced, a useless thread taxes every stage: one line through
-            # the window also spans CPU counts below a cap, where CPUs still gained, so
-            # the last thread's own gain (the two highest counts, from the measured
-            # noise) must show it too, or the judgement waits for it. (With dedicated
-            # CPUs this marked strong contention saturated, and it lost 10-20%.)
-            levels = np.unique(ks)
-            if len(levels) > 2 and self.oversubscribed:
-                top, low = caps[ks == levels[-1]], caps[ks == levels[-2]]
-                dk = float(levels[-1] - levels[-2])
-                g = float(top.mean() - low.mean()) / dk
-                # The noise: the measured one, or the spread within CPU counts if larger
-                # (early on the measured noise is still its 5% prior).
-                df = len(ks) - len(levels)
-                within = sum(float(np.sum((caps[ks == v] - caps[ks == v].mean()) ** 2))
-                             for v in levels) / max(1, df)
-                var = max(self.noise_var[i] * float(np.mean(caps)) ** 2, within)
-                g_se = math.sqrt(var * (1 / len(top) + 1 / len(low))) / dk
-                if len(top) < 3 or len(low) < 2 or df < 3 or per_cpu <= 4 * g_se:
-                    return  # the last CPU's gain is not measured well enough yet
-                if gains(g, g_se):
-                    self.pending[i] = False
-                    self.suspect[i] = 0
-                    return
-                # Only the last thread is shown useless: the mark goes no lower than the
-                # count before it.
-                keep = ks >= levels[-2]
-                ks, caps = ks[keep], caps[keep]
-                k0 = int(levels[-2])
-                per_cpu, n0 = float(low.mean()) / k0, len(low)
-            else:
+            if not (self.oversubscribed and len(levels) > 2):
                 self.pending[i] = False
                 self.suspect[i] = 0
                 return
+            # While time-sliced, a useless thread taxes every stage: one line through
+            # the window also spans CPU counts below a cap, where CPUs still gained, so
+            # the last thread's own gain (the two highest counts) must show it too, or
+            # the judgement waits for it. (With dedicated CPUs this marked strong
+            # contention saturated, and it lost 10-20%.)
+            top, low = caps[ks == levels[-1]], caps[ks == levels[-2]]
+            dk = float(levels[-1] - levels[-2])
+            g = float(top.mean() - low.mean()) / dk
+            # The noise: the measured one, or the spread within CPU counts if larger
+            # (early on the measured noise is still its 5% prior).
+            df = len(ks) - len(levels)
+            within = sum(float(np.sum((caps[ks == v] - caps[ks == v].mean()) ** 2))
+                         for v in levels) / max(1, df)
+            var = max(self.noise_var[i] * float(np.mean(caps)) ** 2, within)
+            g_se = math.sqrt(var * (1 / len(top) + 1 / len(low))) / dk
+            if len(top) < 3 or len(low) < 2 or df < 3 or per_cpu <= 4 * g_se:
+                return  # the last thread's gain is not measured well enough yet
+            if gains(g, g_se):
+                self.pending[i] = False
+                self.suspect[i] = 0
+                return
+            # Only the last thread is shown useless: the mark goes no lower than the
+            # count before it.
+            keep = ks >= levels[-2]
+            ks, caps = ks[keep], caps[keep]
+            k0 = int(levels[-2])
+            per_cpu, n0 = float(low.mean()) / k0, len(low)
         self.pending[i] = False
         first = not self.suspect[i] or self.step - self.suspect[i] > self.MEMORY_STEPS
         if first and not self.oversubscribed:
