@@ -385,8 +385,7 @@ class QLearningAgent(Agent):
         # sample, and the next release start it again (the release and give alternated,
         # 8 steps per useless CPU).
         testing = bool(sat_b) and not est.floor_found[b] and alloc[b] == sat_b - 1
-        blocked = alloc[b] >= max_cpus[b] or testing or (
-            est.saturated_at[b] > 0 and alloc[b] >= est.saturated_at[b])
+        blocked = alloc[b] >= max_cpus[b] or testing or (bool(sat_b) and alloc[b] >= sat_b)
         f_b = 0 if gpu_bound else (2 if blocked else 1)
         f_c = 0 if free > 0 else (1 if free == 0 else 2)
         # "tight" only where a CPU is free: with none free no give is possible anyway, and
@@ -534,20 +533,8 @@ class QLearningAgent(Agent):
         capacity = float(info["memory_capacity_bytes"])
         if est.overhead is not None and sum(alloc) > cpus:
             # Already time-sliced, overhead measured: one planner for adding and shedding
-            # threads, so the two never work against each other. Add a thread to the
-            # bottleneck only if the best plan (any number of threads) gives it more and
-            # beats both the current allocation and the best split of the machine.
-            objective, best = self._planner(alloc, info, p.worst_fraction * capacity)
-            max_cpus = [int(m) for m in info["max_cpus"]]
-            x_all, plan = best(max_cpus, math.inf)
-            x_fit, _ = best(max_cpus, cpus)
-            x_now = objective(alloc)
-            # Twice the margin a release needs, and never right after a release: a
-            # hysteresis band, so noisy rates cannot make add and shed alternate.
-            if self._est.step - self._last_shed <= self._est.MEMORY_STEPS:
-                return False
-            return (plan is not None and plan[b] > alloc[b]
-                    and x_all - max(x_now, x_fit) > 2 * self.slack_margin * abs(x_now))
+            # threads, so the two never work against each other.
+            return self._plan_adds(p, info)
         more = alloc.copy()
         more[b] += 1
         x_now = value(alloc)
@@ -562,17 +549,34 @@ class QLearningAgent(Agent):
         # costs milliseconds (planning on every tie after the overhead is measured too
         # cost 1.4-1.6x the wall time on the generated suite for ~0.5% more pipelines
         # at >= 0.95 on the train split).
-        if est.overhead is not None or est.step - self._last_shed <= est.MEMORY_STEPS:
+        if est.overhead is not None:
             return False  # (once the overhead is measured, crossing was tried: see above)
         if min(range(len(more)), key=lambda i: est.capacity(i, more[i], alloc[i])) == b:
             return False  # no tie: the bottleneck is still the slowest with its thread
+        return self._plan_adds(p, info, overhead)
+
+    def _plan_adds(self, p: Perception, info: dict[str, Any],
+                   overhead: float | None = None) -> bool:
+        """Does the best time-sliced plan give the bottleneck another thread?
+
+        The plan (any number of threads, :meth:`_planner` with the measured overhead or
+        ``overhead``) must give the bottleneck more threads than it has and beat both
+        the current allocation and the best split of the machine by twice the margin a
+        release needs, and no release may have happened in the last ``MEMORY_STEPS``
+        steps: a hysteresis band, so noisy rates cannot make adding and shedding
+        alternate. (A plan that beats the best split has more threads than CPUs.)
+        """
+        if self._est.step - self._last_shed <= self._est.MEMORY_STEPS:
+            return False  # checked first: a plan costs milliseconds
+        alloc, b = list(p.allocation), p.give_stage
+        capacity = float(info["memory_capacity_bytes"])
         objective, best = self._planner(alloc, info, p.worst_fraction * capacity, overhead)
         max_cpus = [int(m) for m in info["max_cpus"]]
         x_all, plan = best(max_cpus, math.inf)
-        x_fit, _ = best(max_cpus, cpus)
-        x_cur = objective(alloc)
-        return (plan is not None and plan[b] > alloc[b] and sum(plan) > cpus
-                and x_all - max(x_cur, x_fit) > 2 * self.slack_margin * abs(x_cur))
+        x_fit, _ = best(max_cpus, int(info["cpus_total"]))
+        x_now = objective(alloc)
+        return (plan is not None and plan[b] > alloc[b]
+                and x_all - max(x_now, x_fit) > 2 * self.slack_margin * abs(x_now))
 
     # --- Agent API -----------------------------------------------------------------
     def reset(self, obs: np.ndarray, info: dict[str, Any]) -> None:
