@@ -196,6 +196,24 @@ def test_memory_limit_halts_the_pipeline(dataset) -> None:
     assert not _pipeline_threads()
 
 
+def test_close_joins_a_worker_that_is_still_exiting(monkeypatch, dataset) -> None:
+    # A worker leaves its pool's list in its last lines, before its thread ends; close()
+    # must join it too (CI once saw a reader thread outlive close() after an OOM halt).
+    from intune_env.live import workers
+
+    real = workers.Pool.worker_exited
+
+    def slow_exit(self, worker, ended):
+        real(self, worker, ended)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(workers.Pool, "worker_exited", slow_exit)
+    cfg = PipelineConfig(memory_limit_bytes=1 << 20, monitor_interval_s=0.01)
+    with LivePipeline(dataset, cfg, [1, 1, 1, 1, 1]) as pipe:
+        assert pipe.sleep(5) and pipe.halted
+    assert not _pipeline_threads()
+
+
 def test_bad_configuration_is_rejected(dataset) -> None:
     with pytest.raises(ValueError, match="stateless"):
         PipelineConfig(process_stages=("shuffle",))

@@ -287,6 +287,9 @@ class Pool:
         self.hooks = stages.STAGE_HOOKS[self.name]
         self._lock = threading.Lock()
         self._workers: list[Worker] = []  # all live threads, retiring ones included
+        # Every thread started and maybe still running: a worker leaves ``_workers`` in its
+        # last lines, before its thread has ended, and close() must join it all the same.
+        self._started: list[threading.Thread] = []
         self._serials = itertools.count()
         self.input_ended = False
         self.target = 0  # the pool size asked for (live threads may lag behind it)
@@ -306,9 +309,11 @@ class Pool:
         with self._lock:
             self.target = k
             active = [w for w in self._workers if not w.retire]
+            self._started = [t for t in self._started if t.is_alive()]
             for _ in range(k - len(active)):
                 w = Worker(self, next(self._serials))
                 self._workers.append(w)
+                self._started.append(w.thread)
                 w.thread.start()
             # Retire the newest first: the oldest keep their warm caches.
             for w in active[::-1][: max(0, len(active) - k)]:
@@ -327,8 +332,9 @@ class Pool:
             self.outbuf.close()
 
     def threads(self) -> list[threading.Thread]:
+        """Threads of this pool that may still be running (exiting ones included)."""
         with self._lock:
-            return [w.thread for w in self._workers]
+            return [t for t in self._started if t.is_alive()]
 
     # --- accounting --------------------------------------------------------------------
     def add_processed(self, n_in: int) -> None:
