@@ -36,7 +36,8 @@ carry the throughput level, which differs between scenarios and aliased states a
 drown the small differences between actions.
 
 Safety shield. ``give`` is masked out whenever the predicted worst-case memory after the
-move exceeds ``capacity * (1 - memory_margin)``. A stage whose per-worker memory was never
+move exceeds ``capacity * (1 - memory_margin)`` less four standard deviations of the
+measured memory's step-to-step noise (0 in the simulator). A stage whose per-worker memory was never
 measured gets the rigorous upper bound ``(static - known workers) / cpus``; if that does
 not fit, the agent first *probes* (releases one CPU of the stage and measures the memory
 freed) instead of guessing; probes are not learnt from, nor are releases of a saturated
@@ -199,7 +200,8 @@ class QLearningAgent(Agent):
             table file.
         memory_weight: weight of the worst-case memory fraction in the objective.
         oom_penalty: reward on an out-of-memory crash.
-        memory_margin: fraction of memory capacity the shield keeps free.
+        memory_margin: fraction of memory capacity the shield keeps free, on top of
+            four standard deviations of the measured memory's step-to-step noise.
         slack_margin: a stage has slack if with one CPU fewer it would still be this much
             faster than the bottleneck.
         gpu_tolerance: the GPU counts as the bottleneck once every stage reaches
@@ -233,7 +235,7 @@ class QLearningAgent(Agent):
     def __init__(self, epsilon: EpsilonSchedule | Sequence[float] | None = None,
                  learning_rate: float = 0.1, discount: float = 0.9, seed: int | None = None,
                  pretrained: bool | str | Path = False, memory_weight: float = 0.1,
-                 oom_penalty: float = 10.0, memory_margin: float = 0.002,
+                 oom_penalty: float = 10.0, memory_margin: float = 0.0,
                  slack_margin: float = 0.03, gpu_tolerance: float = 0.01,
                  rate_ema: float = 0.3, learn: bool = True,
                  optimistic_init: float = 0.05, safe_exploration: bool = True,
@@ -324,7 +326,11 @@ class QLearningAgent(Agent):
         # memory
         elem = info["element_bytes"]
         capacity = float(info["memory_capacity_bytes"])
-        limit = capacity * (1 - self.memory_margin)
+        # The worst case is predicted exactly from measured memory; the margin covers
+        # that memory's measured step-to-step noise (4 standard deviations; 0 in the
+        # simulator), plus ``memory_margin``. A fixed 0.2% kept the oracle's allocation
+        # out of reach where it needs 99.9% of memory (suite:test:0032, 0141, 0143).
+        limit = capacity * (1 - self.memory_margin) - 4 * est.static_noise()
         worst = est.static + sum(c * e for c, e in zip(est.bufcap, elem, strict=True))
         critical = worst > limit
         probe = False
@@ -729,7 +735,9 @@ class QLearningAgent(Agent):
                              "memory_weight": self.memory_weight,
                              "slack_margin": self.slack_margin,
                              "memory_margin": self.memory_margin,
-                             "gpu_tolerance": self.gpu_tolerance, "rate_ema": self.rate_ema}},
+                             "gpu_tolerance": self.gpu_tolerance, "rate_ema": self.rate_ema,
+                             "slice_overhead": self.slice_overhead,
+                             "noise_headroom": self.noise_headroom}},
         }
 
     def save(self, path: str | Path) -> Path:

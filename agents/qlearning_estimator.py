@@ -102,6 +102,9 @@ class Estimator:
         # the lower end of the plateau was found (a release below the mark lost capacity):
         # the mark is then a floor, not a spare CPU
         self.floor_found = [False] * n
+        # |change| of static memory between consecutive steps at one allocation (the
+        # last MEMORY_STEPS): its noise, which the shield's margin is sized by
+        self.static_jumps: list[float] = []
         self.prev_alloc: list[int] | None = None
         self.prev_static: float | None = None
         self.prev_bufcap: list[int] | None = None
@@ -227,6 +230,9 @@ class Estimator:
         bufcap = [int(c) for c in info["buffer_capacities"]]
         if prev is not None and self.prev_static is not None and not resized:
             moved = [i for i in range(self.n) if alloc[i] != prev[i]]
+            if not moved:
+                self.static_jumps = [*self.static_jumps[1 - self.MEMORY_STEPS:],
+                                     abs(static - self.prev_static)]
             if len(moved) == 1:
                 i = moved[0]
                 delta = alloc[i] - prev[i]
@@ -392,6 +398,18 @@ class Estimator:
         else:
             self.saturated_at[i] = k + 1  # the plateau starts above k
             self.floor_found[i] = True
+
+    def static_noise(self) -> float:
+        """Standard deviation (bytes) of one step's static memory at one allocation.
+
+        From the median absolute change between consecutive steps (robust: a memory
+        event is one large change, not noise): ``|d|`` of two samples has median
+        ``0.674 * sqrt(2) * sigma``. 0 in the simulator, where static memory changes only
+        with CPUs and events; a live pipeline's resident memory moves from step to step.
+        """
+        if not self.static_jumps:
+            return 0.0
+        return float(np.median(self.static_jumps)) / (0.6745 * math.sqrt(2))
 
     def ema_factor(self, i: int) -> float:
         """Smoothing factor of stage ``i``'s rate, adapted to its measured noise.
