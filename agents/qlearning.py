@@ -36,9 +36,10 @@ carry the throughput level, which differs between scenarios and aliased states a
 drown the small differences between actions.
 
 Safety shield. ``give`` is masked out whenever the predicted worst-case memory after the
-move exceeds ``capacity * (1 - memory_margin)`` less four standard deviations of the
-measured memory's step-to-step noise (0 in the simulator). A stage whose per-worker memory was never
-measured gets the rigorous upper bound ``(static - known workers) / cpus``; if that does
+move exceeds ``capacity * (1 - memory_margin)`` less a margin for the measured noise of
+memory (:meth:`Estimator.memory_noise_margin`; 0 in the simulator, where it is exact). A
+stage whose per-worker memory was never measured gets the rigorous upper bound
+``(static - known workers) / cpus``; if that does
 not fit, the agent first *probes* (releases one CPU of the stage and measures the memory
 freed) instead of guessing; probes are not learnt from, nor are releases of a saturated
 bottleneck below its mark (tests of how far its plateau reaches, which cost throughput
@@ -200,8 +201,8 @@ class QLearningAgent(Agent):
             table file.
         memory_weight: weight of the worst-case memory fraction in the objective.
         oom_penalty: reward on an out-of-memory crash.
-        memory_margin: fraction of memory capacity the shield keeps free, on top of
-            four standard deviations of the measured memory's step-to-step noise.
+        memory_margin: fraction of memory capacity the shield keeps free, on top of the
+            margin for measured memory noise (:meth:`Estimator.memory_noise_margin`).
         slack_margin: a stage has slack if with one CPU fewer it would still be this much
             faster than the bottleneck.
         gpu_tolerance: the GPU counts as the bottleneck once every stage reaches
@@ -327,12 +328,12 @@ class QLearningAgent(Agent):
         elem = info["element_bytes"]
         capacity = float(info["memory_capacity_bytes"])
         # The worst case is predicted exactly from measured memory; the margin covers
-        # that memory's measured step-to-step noise (4 standard deviations; 0 in the
-        # simulator), plus ``memory_margin``. A fixed 0.2% kept the oracle's allocation
-        # out of reach where it needs 99.9% of memory (suite:test:0032, 0141, 0143).
-        limit = capacity * (1 - self.memory_margin) - 4 * est.static_noise()
+        # that memory's measured noise (0 in the simulator), plus ``memory_margin``. A
+        # fixed 0.2% kept the oracle's allocation out of reach where it needs 99.9% of
+        # memory (suite:test:0032, 0141, 0143).
+        limit = capacity * (1 - self.memory_margin) - est.memory_noise_margin()
         worst = est.static + sum(c * e for c, e in zip(est.bufcap, elem, strict=True))
-        critical = worst > limit
+        critical = not worst <= limit  # (a non-finite memory reading is critical too)
         probe = False
         fits = True
         give_bytes = 0.0

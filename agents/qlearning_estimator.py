@@ -27,7 +27,9 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   change (or an event happens), so after a one-CPU move on stage ``i`` the change of
   ``static`` is that stage's per-worker memory, and the change of its buffer capacity its
   per-CPU prefetch. The worst case of an allocation (every buffer full) is then
-  ``static + sum(buffer_capacity * element_bytes)``, predicted exactly;
+  ``static + sum(buffer_capacity * element_bytes)``, predicted exactly in the simulator
+  (a live pipeline's memory is noisy: the shield keeps a margin measured from it, see
+  :meth:`Estimator.memory_noise_margin`);
 - saturation (a bandwidth cap): a least-squares fit of measured capacity against CPUs
   over recent samples; if the slope stays under a quarter of the per-CPU rate (judged
   only with enough statistical power, confirmed twice so a rate drift is not taken for
@@ -102,9 +104,12 @@ class Estimator:
         # the lower end of the plateau was found (a release below the mark lost capacity):
         # the mark is then a floor, not a spare CPU
         self.floor_found = [False] * n
-        # |change| of static memory between consecutive steps at one allocation (the
-        # last MEMORY_STEPS): its noise, which the shield's margin is sized by
+        # |change| of static memory between consecutive steps at one allocation (the last
+        # MEMORY_STEPS such steps) and, where ``info`` has ``peak_memory_bytes`` (the
+        # live env), the peak above the sample (the last MEMORY_STEPS steps): the
+        # memory noise the shield's margin is sized by
         self.static_jumps: list[float] = []
+        self.peak_gaps: list[float] = []
         self.prev_alloc: list[int] | None = None
         self.prev_static: float | None = None
         self.prev_bufcap: list[int] | None = None
@@ -228,6 +233,9 @@ class Estimator:
         static = float(info["memory_bytes"]) - sum(
             b * e for b, e in zip(info["buffer_levels"], elem, strict=True))
         bufcap = [int(c) for c in info["buffer_capacities"]]
+        if "peak_memory_bytes" in info:
+            gap = max(0.0, float(info["peak_memory_bytes"]) - float(info["memory_bytes"]))
+            self.peak_gaps = [*self.peak_gaps[1 - self.MEMORY_STEPS:], gap]
         if prev is not None and self.prev_static is not None and not resized:
             moved = [i for i in range(self.n) if alloc[i] != prev[i]]
             if not moved:
@@ -399,17 +407,23 @@ class Estimator:
             self.saturated_at[i] = k + 1  # the plateau starts above k
             self.floor_found[i] = True
 
-    def static_noise(self) -> float:
-        """Standard deviation (bytes) of one step's static memory at one allocation.
+    def memory_noise_margin(self) -> float:
+        """Bytes the shield keeps free for memory noise (0 where memory is exact).
 
-        From the median absolute change between consecutive steps (robust: a memory
-        event is one large change, not noise): ``|d|`` of two samples has median
-        ``0.674 * sqrt(2) * sigma``. 0 in the simulator, where static memory changes only
-        with CPUs and events; a live pipeline's resident memory moves from step to step.
+        Four standard deviations of the change of static memory to the next step, from
+        the median absolute change between consecutive steps at one allocation (robust:
+        a memory event is one large change, not noise; ``|d|`` has median ``0.674 sd``),
+        or the largest change while fewer than ``MIN_SAMPLES`` were measured; plus the
+        largest recent peak above the sampled memory (a live pipeline's monitor counts
+        an out-of-memory crash at its peak between samples). 0 in the simulator, where
+        static memory changes only with CPUs and events.
         """
-        if not self.static_jumps:
-            return 0.0
-        return float(np.median(self.static_jumps)) / (0.6745 * math.sqrt(2))
+        jumps = self.static_jumps
+        if len(jumps) >= self.MIN_SAMPLES:
+            noise = 4 * float(np.median(jumps)) / 0.6745
+        else:
+            noise = max(jumps, default=0.0)
+        return noise + max(self.peak_gaps, default=0.0)
 
     def ema_factor(self, i: int) -> float:
         """Smoothing factor of stage ``i``'s rate, adapted to its measured noise.

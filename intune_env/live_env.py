@@ -135,8 +135,10 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
 
     Terminated when the RSS of the process tree exceeds ``memory_budget_mib`` (checked
     every 50 ms by a monitor thread, which halts the pipeline at once, as an OOM kill
-    would). Truncation is left to ``max_episode_steps`` (300 at registration). A failed
-    worker raises :class:`intune_env.live.pipeline.PipelineError` from ``step``.
+    would; ``info["peak_memory_bytes"]`` is that peak over the last interval, and
+    ``info["memory_bytes"]`` the RSS at its end). Truncation is left to
+    ``max_episode_steps`` (300 at registration). A failed worker raises
+    :class:`intune_env.live.pipeline.PipelineError` from ``step``.
 
     ## Arguments
 
@@ -328,6 +330,7 @@ class InTuneLiveEnv(gym.Env[np.ndarray, np.int64]):
             "throughput": float(throughput),
             "allocation": list(alloc),
             "memory_bytes": memory,
+            "peak_memory_bytes": int(c1.peak_memory_bytes),
             "memory_capacity_bytes": int(self.memory_capacity_bytes),
             "oom": oom,
             "bottleneck_stage": bottleneck,

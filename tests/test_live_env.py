@@ -19,7 +19,8 @@ from intune_env.live_env import InTuneLiveEnv
 N = len(STAGES)
 TEST_ID = "InTuneLiveTiny-v0"
 INFO_KEYS = {
-    "throughput", "allocation", "memory_bytes", "memory_capacity_bytes", "oom",
+    "throughput", "allocation", "memory_bytes", "peak_memory_bytes", "memory_capacity_bytes",
+    "oom",
     "bottleneck_stage", "sim_time_s", "invalid_action", "stage_names", "stage_utilisation",
     "stage_processed", "stage_busy_s", "buffer_levels", "buffer_capacities", "element_bytes",
     "cpus_total", "max_cpus", "gpu_rate", "action_mask",

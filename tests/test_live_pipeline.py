@@ -211,7 +211,10 @@ def test_close_joins_a_worker_that_is_still_exiting(monkeypatch, dataset) -> Non
     cfg = PipelineConfig(memory_limit_bytes=1 << 20, monitor_interval_s=0.01)
     with LivePipeline(dataset, cfg, [1, 1, 1, 1, 1]) as pipe:
         assert pipe.sleep(5) and pipe.halted
+        time.sleep(0.2)  # the workers have left their pools' lists and are still exiting
     assert not _pipeline_threads()
+    with pytest.raises(PipelineError, match="closed"):  # no worker is started after close
+        pipe.set_allocation([2, 1, 1, 1, 1])
 
 
 def test_bad_configuration_is_rejected(dataset) -> None:

@@ -237,6 +237,8 @@ class LivePipeline:
 
     def set_allocation(self, allocation: Sequence[int]) -> None:
         """Grow or shrink each pool to ``allocation`` (without losing a sample)."""
+        if self._closed:  # workers started now would outlive close(), never joined
+            raise PipelineError("live pipeline is closed")
         self.check()
         self._check_allocation(allocation)
         for pool, k in zip(self.pools, allocation, strict=True):

@@ -286,7 +286,7 @@ class Pool:
         self.fn = stages.STAGE_FUNCS[self.name]
         self.hooks = stages.STAGE_HOOKS[self.name]
         self._lock = threading.Lock()
-        self._workers: list[Worker] = []  # all live threads, retiring ones included
+        self._workers: list[Worker] = []  # workers taking or retiring from work
         # Every thread started and maybe still running: a worker leaves ``_workers`` in its
         # last lines, before its thread has ended, and close() must join it all the same.
         self._started: list[threading.Thread] = []
