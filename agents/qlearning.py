@@ -59,12 +59,13 @@ with no stage above its current CPUs (time-sliced workers can beat every split: 
 fractional CPUs per stage). It sheds towards the split if that is at least as good;
 otherwise it releases one CPU per step towards the plan while the plan beats the current
 allocation by more than ``slack_margin``, and else does nothing. Until the overhead has
-been measured it sheds until the allocation fits. A saturated bottleneck at its mark is
-tested first, by one release (the planner would value the lost thread linearly and never
-test it). Known limit: capacity is extrapolated
-linearly from the current per-CPU rate, so a stage whose per-thread rate rises as threads
-are released (contention) is undervalued with fewer threads, and the agent may keep more
-time-sliced threads than the best allocation has.
+been measured it sheds until the allocation fits (with fewer CPUs than stages, where
+nothing fits, it plans with the prior ``slice_overhead`` instead). A saturated
+bottleneck at its mark is tested first, by one release (the planner would value the lost
+thread linearly and never test it). Known limit: capacity is extrapolated linearly from
+the current per-CPU rate, so a stage whose per-thread rate rises as threads are released
+(contention) is undervalued with fewer threads, and the agent may keep more time-sliced
+threads than the best allocation has.
 
 Time-slicing on purpose. With few CPUs and many stages the best allocation often has
 more threads than CPUs. When no CPU is free and the bottleneck could take a worker whose
@@ -444,14 +445,22 @@ class QLearningAgent(Agent):
         allocation releases a CPU: towards the split if it is at least as good as the
         plan, else towards the plan while it beats the current allocation by more than
         ``slack_margin`` (relative). Re-planned every step with the latest rates. With the
-        overhead not measured yet, oversubscription is not trusted: release ``fallback``.
+        overhead not measured yet, oversubscription is not trusted: release ``fallback``
+        (unless the machine has fewer CPUs than stages: then plan with the prior).
         """
         est = self._est
         n = len(alloc)
-        if est.overhead is None:
-            return True, fallback
         cpus = int(info["cpus_total"])
-        objective, best = self._planner(alloc, info, worst)
+        overhead = None
+        if est.overhead is None:
+            if n <= cpus:
+                return True, fallback
+            # Fewer CPUs than stages: no allocation fits, so shedding towards one never
+            # ends and no crossing ever measures the overhead. Plan with the prior that
+            # added the threads (releasing with no plan undid every add the next step:
+            # 5 stages on 2 CPUs alternated between two allocations all episode).
+            overhead = self.slice_overhead
+        objective, best = self._planner(alloc, info, worst, overhead)
         x_now = objective(alloc)
         # Shedding until the allocation fits lets the table rebalance afterwards: compare
         # the best split of the machine's CPUs with the best time-sliced plan.

@@ -116,6 +116,9 @@ def run_pipeline(task: tuple[str, int, tuple[str, ...]]) -> list[dict[str, Any]]
     ep_seed = 1000 + seed
     ref = run_episode(env, make("oracle", env, seed), seed=ep_seed,
                       options={"allocation": start})
+    if ref.oom:  # suite members are screened for this (simulators.generate)
+        raise ValueError(f"{member} seed {seed}: holding the oracle allocation runs out of "
+                         f"memory, so there is no reference to divide by")
     ref_thr = np.asarray(ref.throughput)
     n = len(ref_thr)
     tail = slice(int((1 - TAIL) * n), None)

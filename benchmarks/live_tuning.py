@@ -1,6 +1,6 @@
 """Live tuning benchmark: calibrate, pretrain in simulation, sweep live, deploy live.
 
-    /work/venv/bin/python benchmarks/live_tuning.py [--out runs/live] [--deploy-s 300]
+    .venv/bin/python benchmarks/live_tuning.py [--out runs/live] [--deploy-s 300]
 
 On this machine (2 cores), in an I/O-latency-bound configuration (20 ms per read request
 of 512 samples, so one reader delivers at most ~25k samples/s and readers scale far past

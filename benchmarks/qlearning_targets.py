@@ -1,6 +1,6 @@
 """Measure the Q-learner against its targets (issue 3) and print markdown tables.
 
-    /work/venv/bin/python benchmarks/qlearning_targets.py [--seeds 10] [--scenarios a,b]
+    .venv/bin/python benchmarks/qlearning_targets.py [--seeds 10] [--scenarios a,b]
 
 For every built-in scenario and every pipeline in ``benchmarks/unseen/`` it runs
 ``qlearning`` (the shipped table, learning online), ``qlearning-scratch`` (an empty table,

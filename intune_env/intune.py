@@ -164,6 +164,16 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
       start's are (one CPU per stage must fit in memory: a pipeline that every
       allocation crashes is refused; fewer CPUs than stages time-slice); a file's explicit
       ``start_allocation`` must fit when it is loaded; ``oom_penalty`` must be >= 0.
+    * v0 (oracle fix; observations, rewards and dynamics unchanged): the oracle missed
+      better time-sliced allocations where the GPU is slower than the stages' best (its
+      search bound capped the stages at the GPU rate before the time-slicing share) and
+      on machines with fewer CPUs than stages (it reported one CPU per stage as
+      infeasible). ``info["oracle_throughput"]``/``["oracle_allocation"]`` change in 14
+      of 407 built-in and suite pipelines (up to +16%: ``transform-drift`` after its first
+      event, ``suite:test:0114``), and so do every fraction of the oracle; one suite
+      member (``suite:train:0080``) is generated differently, since the generator keeps
+      co-tenants the previous phase's oracle allocation survives. Golden trajectories
+      re-recorded.
     """
 
 

@@ -88,9 +88,13 @@ def solve(compiled: Compiled, cond: Conditions) -> OracleResult:
                 best, lo = need, mid + 1
         return best
 
-    first = best_within(cond.cpus, cond.gpu_rate)
+    # Fewer CPUs than stages (after a shrink): one thread per stage is time-sliced, so
+    # the search starts at one CPU per stage, under that total's share.
+    start = max(cond.cpus, n)
+    share0 = oversubscription_share(start, cond.cpus, cond.oversubscription_overhead)
+    first = best_within(start, cond.gpu_rate / share0)
     if first is None:
-        # Even one CPU per stage does not fit: report it, the env will crash right away.
+        # Even one worker per stage does not fit: report it, the env will crash right away.
         ones = [1] * n
         thr = static_throughput(compiled, cond, ones)
         return OracleResult(thr, tuple(ones), cond.fixed_memory_bytes + memory(ones),
@@ -99,8 +103,10 @@ def solve(compiled: Compiled, cond: Conditions) -> OracleResult:
     best_key = (static_throughput(compiled, cond, first), -memory(first))
     # Time-slicing lets an oversubscribed allocation use fractional CPUs: try every larger
     # total until even unlimited capacity at that total's share cannot beat the best.
-    top = min(cond.gpu_rate, min(float(rm[-1]) for rm in running_max))
-    for total in range(cond.cpus + 1, sum(compiled.max_cpus) + 1):
+    # (The bound is the stages' best capacity times the share, then the GPU: capping the
+    # stages at the GPU rate before the share stopped the search early.)
+    top = min(float(rm[-1]) for rm in running_max)
+    for total in range(start + 1, sum(compiled.max_cpus) + 1):
         share = oversubscription_share(total, cond.cpus, cond.oversubscription_overhead)
         if min(cond.gpu_rate, top * share) <= best_key[0]:
             break

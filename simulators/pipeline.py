@@ -40,7 +40,8 @@ def check_allocation(allocation: Sequence[int], max_cpus: Sequence[int],
     """``allocation`` as a list of ints, or a clear ``ValueError``: a sequence with one
     integer per stage (bools, floats and strings are refused), each within
     ``1..max_cpus`` (the total is not checked: oversubscription is allowed)."""
-    if isinstance(allocation, str | bytes) or not isinstance(allocation, Sequence | np.ndarray):
+    if isinstance(allocation, str | bytes) or not isinstance(allocation, Sequence | np.ndarray) \
+            or (isinstance(allocation, np.ndarray) and allocation.ndim != 1):
         raise ValueError(f"allocation must be a list of {len(stage_names)} integers, got "
                          f"{type(allocation).__name__}")
     bad = [k for k in allocation if isinstance(k, bool | np.bool_) or not isinstance(k, Integral)]

@@ -319,8 +319,9 @@ class Scenario(StrictModel):
                 raise ValueError(f"stages.{i}.params: {err}") from None
         if len(self.stages) > self.machine.cpus:
             raise ValueError(
-                f"the machine has {self.machine.cpus} CPUs but the pipeline has "
-                f"{len(self.stages)} stages; each stage needs at least one CPU"
+                f"the machine has {self.machine.cpus} CPU(s) but the pipeline has "
+                f"{len(self.stages)} stages; the start needs one CPU per stage (a resize "
+                f"event may later leave fewer: the stages then time-slice)"
             )
         self._check_start()
         self._check_derived()
@@ -396,6 +397,11 @@ class Scenario(StrictModel):
                         f"{cond.memory_capacity_bytes / GIB:.2f} GiB; use 'even' (fitted to "
                         f"memory) or fewer CPUs")
             if j == 0:  # a stage that cannot pass one sample per interval delivers nothing
+                if self.machine.gpu_rate * dt < 1:  # nor can such a GPU consume one
+                    raise ValueError(
+                        f"machine.gpu_rate: {self.machine.gpu_rate:.3g} samples/s is less than "
+                        f"one sample per control interval ({dt:g} s); expected at least "
+                        f"{1 / dt:.3g}")
                 for i in range(len(self.stages)):
                     best = float(comp.capacity_array[i].max()) * dt
                     if best < 1:
@@ -572,6 +578,12 @@ class _ScenarioLoader(yaml.SafeLoader):
 
 
 _ScenarioLoader.add_constructor("tag:yaml.org,2002:int", _ScenarioLoader.construct_yaml_int)
+# YAML 1.1 (PyYAML) reads ``1e9``, ``2.5e5`` and ``5e-05`` (as ``json.dumps`` writes them)
+# as strings: it wants a dot and a signed exponent. Read them as the numbers they are.
+_ScenarioLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _expanded_size(node: Any, memo: dict[int, int]) -> int:

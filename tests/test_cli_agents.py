@@ -86,6 +86,12 @@ def test_other_user_errors(tmp_path: Path) -> None:
     res = invoke(train, ["--agent", "ppo", "--hyperparams", str(bad_hp), "--out",
                          str(tmp_path / "t")])
     assert_one_line_error(res, "hp.yaml", "invalid YAML")
+    res = invoke(eval_cmd, ["--agent", "even", "--seed", str(2**63 - 1), "--episodes", "2"])
+    assert_one_line_error(res, "episode seeds run to 9223372036854775808")
+    res = invoke(compare, ["--scenarios", "dlrm-criteo", "--agents", "even", "--seeds",
+                           "100000000", "--out", str(tmp_path / "big")])
+    assert_one_line_error(res, "--seeds: at most 10,000")
+    assert not (tmp_path / "big").exists()
 
 
 def test_train_eval_ppo_with_tensorboard(tmp_path: Path) -> None:

@@ -73,6 +73,65 @@ def test_broken_run_file_reruns(tmp_path: Path, scenario_file: Path, content: st
     json.loads(victim.read_text())  # rewritten whole
 
 
+def _edit(d: dict, what: str) -> None:
+    trace = d["trace"]
+    if what == "no-stage-names":
+        del trace["stage_names"]
+    elif what == "no-scenario":
+        del d["scenario"]
+    elif what == "other-scenario":
+        d["scenario"] = "other"
+    elif what == "other-seed":
+        d["seed"] = 0
+    elif what == "oom-7":
+        d["oom"] = 7
+    elif what == "string-in-trace":
+        trace["fraction"][0] = "x"
+    elif what == "short-allocation":
+        trace["allocation"] = trace["allocation"][:3]
+    elif what == "empty-time":
+        trace["time_s"] = []
+    elif what == "interval-string":
+        d["control_interval_s"] = "abc"
+    elif what == "allocation-width":
+        trace["allocation"][0] = [1, 2]
+
+
+@pytest.mark.parametrize("what", ["no-stage-names", "no-scenario", "other-scenario",
+                                  "other-seed", "oom-7", "string-in-trace",
+                                  "short-allocation", "empty-time", "interval-string",
+                                  "allocation-width"])
+def test_edited_run_file_with_matching_fingerprint_reruns(tmp_path: Path,
+                                                          scenario_file: Path,
+                                                          what: str) -> None:
+    # A stranger's edits that kept the fingerprint: reused, they crashed the report
+    # (KeyError: 'stage_names') or skewed it (an OOM rate of 2.33, a seed dropped).
+    out = tmp_path / "o"
+    run_compare(str(scenario_file), "even", 2, out, duration_s=20.0, plots=False,
+                jobs=1, progress=False)
+    victim = out / "runs" / "small__even__seed1.json"
+    d = json.loads(victim.read_text())
+    _edit(d, what)
+    victim.write_text(json.dumps(d))
+    res = run_compare(str(scenario_file), "even", 2, out, duration_s=20.0, jobs=1,
+                      progress=False, plots=True)
+    assert res.ran == ["small__even__seed1"]
+    assert res.rerun["small__even__seed1"]  # with its reason
+    assert sorted(int(r["seed"]) for r in res.rows) == [0, 1]
+    assert all(r["oom"] in (0, 1, "0", "1", False, True) for r in res.rows)
+
+
+def test_grid_bounds_refused_before_any_run(tmp_path: Path, scenario_file: Path) -> None:
+    # 1e6 s at 2 s steps is 500,000 steps: its result file outgrew what a resume reads
+    # back and was rerun every time; a huge --seeds hung building the grid.
+    out = tmp_path / "o"
+    with pytest.raises(CompareError, match="500,000 steps; at most 100,000"):
+        run_compare(str(scenario_file), "even", 1, out, duration_s=1e6, **KW)
+    with pytest.raises(CompareError, match="--seeds: at most 10,000"):
+        run_compare(str(scenario_file), "even", 10**8, out, duration_s=20.0, **KW)
+    assert not out.exists()
+
+
 def test_second_compare_on_same_folder_refused(tmp_path: Path, scenario_file: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()

@@ -372,3 +372,45 @@ def test_strict_json_refuses_duplicate_keys() -> None:
     assert loads_json_strict('{"a": {"b": 1}, "c": [1]}') == {"a": {"b": 1}, "c": [1]}
     with pytest.raises(ValueError, match="duplicate key 'b'"):
         loads_json_strict('{"a": {"b": 1, "b": 2}}')
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e5", 1e5), ("2.5e5", 2.5e5),
+                                             ("1E5", 1e5), ("1.0e+5", 1e5),
+                                             ("+1e5", 1e5), ("100_000", 100000)])
+def test_exponent_numbers_read_as_numbers(tmp_path: Path, text: str, value: float) -> None:
+    # PyYAML (YAML 1.1) read 1e5 and 2.5e5 as strings and the message said "not a
+    # string"; json.dumps writes 5e-05, so a JSON scenario from Python was refused.
+    data = small_scenario()
+    data["machine"]["gpu_rate"] = "GPU"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data).replace("GPU", text))
+    assert load_scenario(path).machine.gpu_rate == value
+
+
+def test_json_dumps_small_float_accepted(tmp_path: Path) -> None:
+    import json
+
+    data = small_scenario()
+    data["stages"][0]["contention"] = 5e-05
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    assert "5e-05" in path.read_text()
+    assert load_scenario(path).stages[0].contention == 5e-05
+
+
+def test_gpu_below_one_sample_per_interval_refused() -> None:
+    # gpu_rate 0.3 at 2-s intervals consumed int(0.6) = 0 samples: every fraction was 0,
+    # the oracle's own included (a stage that slow was already refused).
+    data = small_scenario()
+    data["machine"]["gpu_rate"] = 0.3
+    with pytest.raises(ScenarioError, match=r"machine.gpu_rate: 0.3 samples/s is less than "
+                                            r"one sample per control interval"):
+        load_scenario(data)
+
+
+def test_fewer_cpus_than_stages_message_says_what_is_allowed() -> None:
+    data = small_scenario()
+    data["machine"]["cpus"] = 1
+    with pytest.raises(ScenarioError, match=r"1 CPU\(s\) but the pipeline has \d+ stages; "
+                                            r"the start needs one CPU per stage"):
+        load_scenario(data)

@@ -325,7 +325,8 @@ def test_vector_env_rejects_out_of_range_unsigned_actions_without_wrapping() -> 
 
 
 @pytest.mark.parametrize("bad", [[2.9, 1.5, 1, 1, 1], "11111", [True, 1, 1, 1, 1],
-                                 [1, 1, 1, 1], 5, [1, 1, 1, 1, "1"]])
+                                 [1, 1, 1, 1], 5, [1, 1, 1, 1, "1"], np.array(3),
+                                 np.ones((1, 5), dtype=int)])
 def test_allocations_are_sequences_of_integers(bad: Any) -> None:
     env = InTuneEnv()
     env.reset(seed=0)

@@ -126,7 +126,8 @@ def test_pickled_object_in_policy_weights_refused(model: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("fault", ["empty", "truncated", "no-data", "no-policy",
-                                   "policy-corrupt", "data-list", "not-zip", "data-bomb"])
+                                   "policy-corrupt", "data-list", "not-zip", "data-bomb",
+                                   "many-entries"])
 def test_broken_zip_one_line(model: Path, tmp_path: Path, fault: str) -> None:
     z = _copy(model, tmp_path / "m")
     raw = z.read_bytes()
@@ -147,10 +148,14 @@ def test_broken_zip_one_line(model: Path, tmp_path: Path, fault: str) -> None:
     elif fault == "data-bomb":  # 32 MiB of spaces: a small file, refused before inflating
         _rewrite_zip(z, {"data": b" " * (32 << 20)})
         assert z.stat().st_size < 1 << 20
+    elif fault == "many-entries":  # each under the cap, 300 MiB in all
+        _rewrite_zip(z, {f"pad{i}": bytes(100 << 20) for i in range(3)})
     with pytest.raises(ModelFileError) as err:
         make_agent("ppo", _env(), seed=0, model_path=z)
     msg = str(err.value)
     assert "\n" not in msg and "ppo.zip" in msg and len(msg) < 300
+    if fault == "many-entries":
+        assert "bytes in all" in msg
 
 
 def test_sidecar_faults(model: Path, tmp_path: Path) -> None:

@@ -161,6 +161,9 @@ def eval_cmd(agent_name: str, model_path: Path | None, trust_model: bool, scenar
 
     check_agent(agent_name)
     at_least(episodes, 1, "--episodes")
+    if seed + episodes - 1 > 2**63 - 1:  # (the range of SEED)
+        fail(f"--seed {seed} with --episodes {episodes}: episode seeds run to "
+             f"{seed + episodes - 1}; expected at most 2**63-1")
     finite_positive(duration_s, "--duration-s")
     check_model(agent_name, model_path)
     if agent_name in registry.SB3_AGENTS and model_path is None:

@@ -60,11 +60,17 @@ from agents.compare.plots import make_plots
 from agents.compare.report import run_row, write_runs_csv, write_summary
 from agents.compare.run import execute_run
 from simulators import ScenarioError
-from simulators.fileio import write_json_atomic
+from simulators.fileio import echo, write_json_atomic
 
 #: Default agents of ``intune compare``.
 DEFAULT_AGENTS: tuple[str, ...] = ("qlearning", "qlearning-scratch", "autotune", "plumber",
                                    "ppo", "a2c", "dqn", "static", "oracle")
+
+#: Bounds of one grid: steps per run (a run file keeps its trace; 100,000 steps of 8
+#: stages are ~15 MB, within what a resume reads back), seeds and runs.
+MAX_RUN_STEPS = 100_000
+MAX_SEEDS = 10_000
+MAX_RUNS = 100_000
 
 _SHOWN = 5  # rerun reasons printed one per line; the rest are counted
 
@@ -117,6 +123,8 @@ def run_compare(scenarios: str | Sequence[str], agents: str | Sequence[str],
         registry.ensure_available(a)
     if len(set(agent_list)) != len(agent_list):
         raise CompareError(f"--agents: repeated agent in {', '.join(agent_list)}")
+    if isinstance(seeds, int) and seeds > MAX_SEEDS:
+        raise CompareError(f"--seeds: at most {MAX_SEEDS:,} seeds per grid, got {seeds:,}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise CompareError("--seeds: at least one seed is needed")
@@ -126,6 +134,18 @@ def run_compare(scenarios: str | Sequence[str], agents: str | Sequence[str],
     if executor not in ("local", "ray"):
         raise CompareError(f"--executor: expected 'local' or 'ray', got {executor!r}")
     sc = resolve_scenarios(scenarios)
+    for name, data in sc.items():
+        # each run's result file keeps its whole trace; past this many steps it would
+        # outgrow what a resume reads back (MAX_RUN_BYTES) and be rerun every time
+        steps = round(duration_s / float(data["control_interval_s"]))
+        if steps > MAX_RUN_STEPS:
+            raise CompareError(
+                f"--duration-s {duration_s:g}: scenario {echo(name)!r} steps every "
+                f"{data['control_interval_s']:g} s, so a run would be {steps:,} steps; at "
+                f"most {MAX_RUN_STEPS:,} steps per run")
+    if len(sc) * len(agent_list) * len(seed_list) > MAX_RUNS:
+        raise CompareError(f"the grid has {len(sc) * len(agent_list) * len(seed_list):,} "
+                           f"runs (scenarios x agents x seeds); at most {MAX_RUNS:,}")
     mdir = Path(models_dir) if models_dir is not None else None
     if mdir is not None and not mdir.is_dir():
         raise CompareError(f"--models {mdir}: no such folder")

@@ -305,16 +305,55 @@ def validate_run(res: Any, spec: RunSpec) -> str | None:
         what = ", ".join(changed) if changed else "scenario content, agent options, " \
                                                   "budget or package version"
         return f"settings changed ({what})"
-    for k in (*_NUMERIC, "seed", "steps", "invalid_actions", "oom"):
+    # A matching fingerprint says the inputs were the same, not that the file is intact:
+    # every field the reports read is checked, so an edited or damaged file is rerun
+    # (with the reason) instead of crashing the report or skewing it.
+    for k, v in (("scenario", spec.scenario), ("agent", spec.agent), ("seed", spec.seed),
+                 ("duration_s", spec.duration_s)):
+        if res.get(k) != v or type(res.get(k)) is bool:
+            return f"field {k!r} is {_short(res.get(k))}, expected {_short(v)}"
+    for k in (*_NUMERIC, "steps", "invalid_actions", "control_interval_s"):
         if not _is_num(res.get(k)):
             return f"field {k!r} missing or not a finite number"
+    if res.get("oom") not in (0, 1) or type(res.get("oom")) is bool:
+        return "field 'oom' must be 0 or 1"
+    if not 0 <= res["final_fraction"] <= 10 or not 0 <= res["mean_fraction"] <= 10:
+        return "fields 'final_fraction', 'mean_fraction' must be in [0, 10]"
     t90 = res.get("time_to_90_s")
     if t90 is not None and not _is_num(t90):
         return "field 'time_to_90_s' must be a number or null"
-    trace = res.get("trace")
-    if not isinstance(trace, dict) or not all(
-            isinstance(trace.get(k), list) for k in ("time_s", "fraction", "allocation")):
-        return "field 'trace' missing or malformed"
+    why = _trace_fault(res.get("trace"), res["steps"])
+    return f"field 'trace' {why}" if why else None
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, str | int | float | None) else type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _trace_fault(trace: Any, steps: Any) -> str | None:
+    """What is wrong with a run file's ``trace`` (``steps`` entries per series), or None."""
+    if not isinstance(trace, dict):
+        return "missing or not an object"
+    names = trace.get("stage_names")
+    if not (isinstance(names, list) and names and all(isinstance(x, str) for x in names)):
+        return "'stage_names' must be a non-empty list of names"
+    for k in ("time_s", "fraction", "throughput", "oracle_throughput", "memory_fraction",
+              "allocation", "cpus_total", "oracle_allocation"):
+        series = trace.get(k)
+        if not isinstance(series, list) or len(series) != steps:
+            return f"{k!r} must be a list of {steps} entries (one per step)"
+    for k in ("time_s", "throughput", "memory_fraction", "cpus_total"):
+        if not all(_is_num(x) for x in trace[k]):
+            return f"{k!r} must hold finite numbers"
+    for k in ("fraction", "oracle_throughput"):  # null: no oracle reference that step
+        if not all(x is None or _is_num(x) for x in trace[k]):
+            return f"{k!r} must hold finite numbers or null"
+    for k in ("allocation", "oracle_allocation"):
+        if not all(isinstance(a, list) and len(a) == len(names)
+                   and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                           for c in a) for a in trace[k]):
+            return f"{k!r} must hold one CPU count per stage ({len(names)}) per step"
     return None
 
 

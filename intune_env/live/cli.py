@@ -7,6 +7,8 @@ A user's fault (bad option value, unwritable output) prints one line and exits 2
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,12 @@ def _writable(path: Path, what: str) -> None:
         _fail(f"{what}: folder {path.parent} does not exist")
     if path.exists() and path.is_dir():
         _fail(f"{what}: {path} is a folder")
+    try:  # probed now: the live measurements before the write take minutes
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        _fail(f"{what}: {path.parent} is not writable ({err.strerror})")
 
 
 def _setup(read_latency_ms: float, gpu_rate: float, cpus: int, max_workers: str,
