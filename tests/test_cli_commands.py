@@ -31,7 +31,13 @@ def test_version_is_the_distributions() -> None:
 
 
 def test_pyproject_version_is_the_installed_one() -> None:
-    direct = json.loads(distribution("intune").read_text("direct_url.json") or "{}")
+    # the checkout's own ``intune.egg-info`` (setuptools' editable build leaves it, and the
+    # checkout is on sys.path under pytest) has no direct_url.json: look at every one
+    from importlib.metadata import distributions
+
+    urls = [json.loads(d.read_text("direct_url.json") or "{}").get("url")
+            for d in distributions(name="intune")]
+    direct = {"url": ROOT.as_uri()} if ROOT.as_uri() in urls else {"url": urls}
     if direct.get("url") != ROOT.as_uri():
         pytest.skip(f"intune is installed from {direct.get('url')}, not this checkout")
     with open(ROOT / "pyproject.toml", "rb") as fh:
