@@ -69,7 +69,7 @@ class HoldStart(Agent):
 def fitting_start(env: gym.Env) -> list[int]:
     """The env's default start rule (``simulators.fitting_start``) for ``env``'s
     conditions, passed explicitly so that this benchmark keeps measuring from it."""
-    return simulators.fitting_start(env.unwrapped.sim.conditions)  # type: ignore[attr-defined]
+    return simulators.fitting_start(*env.unwrapped.sim.start_conditions())  # type: ignore[attr-defined]
 
 
 def _trailing_mean(x: np.ndarray, w: int) -> np.ndarray:

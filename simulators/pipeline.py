@@ -82,19 +82,23 @@ def worst_memory(cond: Conditions, allocation: Sequence[int]) -> int:
                                          for i, k in enumerate(allocation))
 
 
-def fitting_start(cond: Conditions) -> list[int]:
+def fitting_start(cond: Conditions, *later: Conditions) -> list[int]:
     """The default start: the even split, scaled down until it cannot run out of memory.
 
     Rule: the even split of the largest CPU total ``T <= cpus`` whose worst-case memory
-    (every buffer full, :func:`worst_memory`) fits the capacity; one CPU per stage if
-    even that does not fit. The even split of ``T`` only grows with ``T`` and memory
-    never falls as CPUs grow, so fitting is monotone and a bisection finds ``T``.
+    (every buffer full, :func:`worst_memory`) fits the capacity of ``cond`` and of every
+    ``later`` conditions (those an event brings within the first interval, see
+    :meth:`PipelineSim.start_conditions`); one CPU per stage if even that does not fit.
+    The even split of ``T`` only grows with ``T`` and memory never falls as CPUs grow, so
+    fitting is monotone and a bisection finds ``T``.
     """
     caps = [s.max_cpus for s in cond.stages]
     n = len(caps)
+    conds = (cond, *later)
 
     def fits(total: int) -> bool:
-        return worst_memory(cond, even_allocation(total, caps)) <= cond.memory_capacity_bytes
+        alloc = even_allocation(total, caps)
+        return all(worst_memory(c, alloc) <= c.memory_capacity_bytes for c in conds)
 
     lo, hi = n, max(n, cond.cpus)
     if fits(hi):
@@ -108,17 +112,21 @@ def fitting_start(cond: Conditions) -> list[int]:
 
 
 def check_start_fits(cond: Conditions, allocation: Sequence[int],
-                     what: str = "start_allocation") -> None:
-    """``ValueError`` unless ``allocation``'s worst-case memory fits the capacity; the
-    message names ``what`` (the argument or option the allocation came from)."""
-    need = worst_memory(cond, allocation)
-    if need > cond.memory_capacity_bytes:
-        gib = 2**30
-        raise ValueError(
-            f"{what}: start allocation {list(allocation)} needs up to {need / gib:.2f} GiB "
-            f"({need} bytes, every buffer full) but the machine has "
-            f"{cond.memory_capacity_bytes / gib:.2f} GiB ({cond.memory_capacity_bytes} bytes)"
-            f"; use {what}='even' (fitted to memory) or fewer CPUs")
+                     what: str = "start_allocation", later: Sequence[Conditions] = ()) -> None:
+    """``ValueError`` unless ``allocation``'s worst-case memory fits the capacity of
+    ``cond`` and of the ``later`` conditions of the first step; the message names
+    ``what`` (the argument or option the allocation came from)."""
+    for k, c in enumerate((cond, *later)):
+        need = worst_memory(c, allocation)
+        if need > c.memory_capacity_bytes:
+            gib = 2**30
+            when = " at the first step (an event within the first interval)" if k else ""
+            raise ValueError(
+                f"{what}: start allocation {list(allocation)} needs up to {need / gib:.2f} "
+                f"GiB ({need} bytes, every buffer full) "
+                f"but the machine has {c.memory_capacity_bytes / gib:.2f} GiB "
+                f"({c.memory_capacity_bytes} bytes){when}; use {what}='even' (fitted to "
+                f"memory) or fewer CPUs")
 
 
 def first_step_at(at_s: float, dt: float) -> int:
@@ -237,6 +245,14 @@ class PipelineSim:
         self.max_cpus_array = np.array(self.max_cpus, dtype=np.int64)
         # conditions in force during the first interval (events at time 0 included)
         self.start_cond = int(np.sum(self.cond_i[1:, kernel.FIRST_STEP] == 0))
+
+    def start_conditions(self) -> list[Conditions]:
+        """The conditions at reset, then those of the first step if an event within the
+        first interval changes them: the first memory check comes before any action can
+        shed memory, so a start must fit both (a co-tenant at 1 s crashed the start)."""
+        first = int(np.sum(self.cond_i[1:, kernel.FIRST_STEP] <= 1))
+        return [self.chain[self.start_cond]] + (
+            [self.chain[first]] if first != self.start_cond else [])
 
     def set_reward_weights(self, throughput: float, memory: float, oom_penalty: float) -> None:
         """Weights of the reward the kernel computes (see ``kernel.reward_value``)."""

@@ -241,6 +241,31 @@ def test_explicit_start_that_does_not_fit_is_a_clear_error() -> None:
         vec.reset(seed=0, options={"allocation": [16, 16]})
 
 
+def test_start_fits_an_event_within_the_first_interval() -> None:
+    # A stranger's co-tenant at t = 1 s (the interval is 2 s) crashed the default start
+    # at the first step, before any action could shed memory: every agent, the oracle
+    # included, scored 0. The start now fits the first step's conditions too.
+    spec = {**_tight((500, 900)), "name": "cotenant-at-1s", "machine": {
+        **TIGHT["machine"], "memory_gib": 40},
+        "events": [{"at_s": 1, "cotenant_memory_gib": 10}]}
+    env = InTuneEnv(spec)
+    first = env.sim.start_conditions()
+    assert len(first) == 2 and first[1].cotenant_memory_bytes > 0
+    assert worst_memory(first[1], env._start) <= first[1].memory_capacity_bytes
+    assert env._start == fitting_start(*first) != fitting_start(first[0])
+    env.reset(seed=0)
+    _, _, term, _, info = env.step(0)
+    assert not term and not info["oom"]
+    vec = InTuneVectorEnv(num_envs=2, scenario=spec)
+    _, vinfo = vec.reset(seed=0)
+    assert vinfo["allocation"].tolist() == [env._start] * 2
+    too_big = fitting_start(first[0])
+    with pytest.raises(ValueError, match=r"at the first step \(an event within the first"):
+        env.reset(options={"allocation": too_big})
+    with pytest.raises(ValueError, match="at the first step"):
+        InTuneVectorEnv(num_envs=2, scenario=spec, start_allocation=too_big)
+
+
 def test_scenario_file_start_allocation_is_read_and_the_keyword_wins() -> None:
     from simulators import Scenario
 
