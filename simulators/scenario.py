@@ -301,7 +301,7 @@ class Scenario(StrictModel):
         names = [s.name for s in self.stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"stage names must be unique, repeated: {', '.join(dupes)}")
+            raise ValueError(f"stages: names must be unique, repeated: {', '.join(dupes)}")
         for i, ev in enumerate(self.events):
             if ev.stage is not None and ev.stage not in names:
                 raise ValueError(

@@ -91,6 +91,12 @@ def test_other_user_errors(tmp_path: Path) -> None:
     res = invoke(compare, ["--scenarios", "dlrm-criteo", "--agents", "even", "--seeds",
                            "100000000", "--out", str(tmp_path / "big")])
     assert_one_line_error(res, "--seeds: at most 10,000")
+    import os
+
+    many = str(4 * (os.cpu_count() or 1) + 1)
+    res = invoke(compare, ["--scenarios", "dlrm-criteo", "--agents", "even", "--jobs", many,
+                           "--out", str(tmp_path / "jobs")])
+    assert_one_line_error(res, f"--jobs {many}: this machine has")
     assert not (tmp_path / "big").exists()
 
 

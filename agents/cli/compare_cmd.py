@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
     """
     at_least(seeds, 1, "--seeds")
     at_least(jobs, 1, "--jobs")
+    cores = os.cpu_count() or 1
+    if executor == "local" and jobs is not None and jobs > 4 * cores:  # processes here
+        fail(f"--jobs {jobs}: this machine has {cores} cores; expected at most {4 * cores}")
     at_least(sb3_steps, 1, "--sb3-steps")
     finite_positive(duration_s, "--duration-s")
     if hyperparams is not None and not hyperparams.is_file():
