@@ -81,7 +81,7 @@ def _mutate(change: str) -> dict:
     ("negative", "stages.2.buffer", "greater than or equal to 1"),
     ("too_few_stages", "stages", "at least 2"),
     ("too_many_stages", "stages", "at most 8"),
-    ("duplicate_stage", "<top level>", "unique"),
+    ("duplicate_stage", "stages", "unique"),
     ("event_unknown_stage", "events.0.stage", "unknown stage 'decode'"),
     ("event_empty", "events.0", "must change something"),
     ("unknown_kind", "stages.0.kind", "unknown stage kind 'quantum'"),
