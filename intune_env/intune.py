@@ -88,8 +88,9 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
       (every buffer full, ``simulators.worst_memory``) fits the capacity, else one CPU
       per stage (``simulators.fitting_start``). It must fit the conditions at reset and,
       if an event falls within the first interval, those of the first step too
-      (``PipelineSim.start_conditions``: no action can shed memory before that step's
-      check). The default start is never an immediate crash.
+      (``PipelineSim.start_conditions``: the agent's first action is taken before it can
+      see that event). The default start is never an immediate crash; from the second
+      step on, events are the agent's to handle.
     * ``"min"`` (one CPU per stage) or an explicit list of CPU counts: used as given;
       if its worst-case memory does not fit (either conditions), the constructor (or
       ``reset``) raises a ``ValueError`` naming the memory it needs and the memory there

@@ -11,17 +11,20 @@ Exact method. For a CPU total ``T``, any allocation reaching level ``X`` must gi
 stage at least ``need_i(X) = min{k : capacity_i(k) >= X}`` CPUs; since memory never falls
 as CPUs grow (checked when tables are built), ``need(X)`` is, among all allocations
 reaching ``X``, the one with least CPUs *and* least memory. Feasibility of ``X`` is
-monotone, so a binary search over the candidate levels ``{capacity_i(k)}`` finds the
-best level within ``T``. ``T = cpus`` gives the best allocation within the machine.
-Time-slicing gives an oversubscribed allocation fractional CPUs, which can beat every
-integer split by rounding (one thread more on a 32-CPU machine can gain a fraction of a
-percent), so larger totals are tried too, until even unlimited capacity at that total's
-share could not beat the best found (the share falls with ``T``). Cost: milliseconds
+monotone, so a binary search over the candidate levels ``{capacity_i(k)}`` (capped at
+``gpu_rate / share(T)``) finds the best level within ``T``. ``T = max(cpus, stages)``
+gives the best allocation within the machine (one time-sliced thread per stage if the
+machine has fewer CPUs than stages). Time-slicing gives an oversubscribed allocation
+fractional CPUs, which can beat every integer split by rounding, so larger totals are
+tried too, until even the stages' best capacity at that total's share, capped by the
+GPU, could not beat the best found (the share falls with ``T``). Cost: milliseconds
 for the built-in scenarios; the result is cached per conditions.
 
-The env's own actions never oversubscribe, so an oversubscribed oracle allocation (rare,
-worth a fraction of a percent at the start of a built-in scenario) is reachable only
-through ``set_allocation``.
+The env's own actions never oversubscribe, so an oversubscribed oracle allocation is
+reachable only through ``set_allocation``. It is not rare on small machines with many
+stages: in the generated suite it reaches 38 threads on 21 CPUs (``suite:test:0080``)
+and 1.9x the best split of the machine (``suite:test:0114``: 11 threads on 6 CPUs for
+6 stages); agents that only step see a reference they cannot reach there.
 """
 
 from __future__ import annotations

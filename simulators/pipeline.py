@@ -248,8 +248,9 @@ class PipelineSim:
 
     def start_conditions(self) -> list[Conditions]:
         """The conditions at reset, then those of the first step if an event within the
-        first interval changes them: the first memory check comes before any action can
-        shed memory, so a start must fit both (a co-tenant at 1 s crashed the start)."""
+        first interval changes them: the first action is taken before the agent can see
+        that event, so a start must fit both (a co-tenant at 1 s crashed the start).
+        Several events in the interval: the last conditions, as the kernel applies."""
         first = int(np.sum(self.cond_i[1:, kernel.FIRST_STEP] <= 1))
         return [self.chain[self.start_cond]] + (
             [self.chain[first]] if first != self.start_cond else [])

@@ -116,6 +116,17 @@ def _is_numeric(annotation: Any) -> bool:
     return any(a in (int, float) for a in args) and str not in args
 
 
+class _ExponentFloat(float):
+    """A YAML number written with an exponent only (``1e5``), remembering its text."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _ExponentFloat:
+        obj = super().__new__(cls, text.replace("_", ""))
+        obj.text = text
+        return obj
+
+
 class StrictModel(BaseModel):
     """A pydantic model of a user's file: no extra fields, finite numbers, and numbers
     never read from booleans or strings (also the base of SB3 hyperparameter ranges)."""
@@ -129,6 +140,8 @@ class StrictModel(BaseModel):
         # pydantic's lax mode reads true/false as 1/0 and "40000" as 40000: refuse both,
         # since a YAML `yes` or a quoted number is a mistake, not a value
         field = cls.model_fields.get(info.field_name or "")
+        if isinstance(v, _ExponentFloat):
+            return v if field is None or _is_numeric(field.annotation) else v.text
         if field is not None and _is_numeric(field.annotation) and isinstance(v, bool | str):
             kind = "integer" if int in (typing.get_args(field.annotation) or
                                         (field.annotation,)) else "number"
@@ -377,6 +390,9 @@ class Scenario(StrictModel):
         dt = self.control_interval_s
         cond = Conditions.initial(self)
         events = sorted(self.events, key=lambda e: e.at_s)  # the simulator's order
+        # the start must fit the conditions at reset (events at 0 applied) and those of
+        # the first step (events within the first interval), as the env checks it
+        start_checks = {sum(e.at_s <= 0 for e in events), sum(e.at_s <= dt for e in events)}
         for j in range(len(events) + 1):
             where = "stages" if j == 0 else f"events.{self.events.index(events[j - 1])}"
             if j:
@@ -387,15 +403,16 @@ class Scenario(StrictModel):
                 raise ValueError(f"{where}: {echo(str(err), 200)}") from None
             # (an event may leave fewer CPUs than stages: the stages then time-slice)
             self._check_min_fits(cond, comp, where if j else "")
-            if j == 0 and isinstance(self.start_allocation, tuple):
+            if j in start_checks and isinstance(self.start_allocation, tuple):
                 need = cond.fixed_memory_bytes + sum(
                     comp.worst_memory[i][k] for i, k in enumerate(self.start_allocation))
                 if need > cond.memory_capacity_bytes:
+                    after = f" after {where} (at_s {events[j - 1].at_s:g})" if j else ""
                     raise ValueError(
                         f"start_allocation: {list(self.start_allocation)} needs up to "
                         f"{need / GIB:.2f} GiB (every buffer full) but the machine has "
-                        f"{cond.memory_capacity_bytes / GIB:.2f} GiB; use 'even' (fitted to "
-                        f"memory) or fewer CPUs")
+                        f"{cond.memory_capacity_bytes / GIB:.2f} GiB{after}; use 'even' "
+                        f"(fitted to memory) or fewer CPUs")
             if j == 0:  # a stage that cannot pass one sample per interval delivers nothing
                 if self.machine.gpu_rate * dt < 1:  # nor can such a GPU consume one
                     raise ValueError(
@@ -579,11 +596,15 @@ class _ScenarioLoader(yaml.SafeLoader):
 
 _ScenarioLoader.add_constructor("tag:yaml.org,2002:int", _ScenarioLoader.construct_yaml_int)
 # YAML 1.1 (PyYAML) reads ``1e9``, ``2.5e5`` and ``5e-05`` (as ``json.dumps`` writes them)
-# as strings: it wants a dot and a signed exponent. Read them as the numbers they are.
+# as strings: it wants a dot and a signed exponent. Read them as the numbers they are,
+# keeping the text for string fields (``name: 1e5`` stays the name "1e5").
+_EXP_FLOAT_TAG = "tag:intune,2026:exponent-float"
 _ScenarioLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _EXP_FLOAT_TAG,
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))
+_ScenarioLoader.add_constructor(
+    _EXP_FLOAT_TAG, lambda loader, node: _ExponentFloat(loader.construct_scalar(node)))
 
 
 def _expanded_size(node: Any, memo: dict[int, int]) -> int:

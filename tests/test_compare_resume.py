@@ -121,6 +121,22 @@ def test_edited_run_file_with_matching_fingerprint_reruns(tmp_path: Path,
     assert all(r["oom"] in (0, 1, "0", "1", False, True) for r in res.rows)
 
 
+def test_fraction_far_above_one_is_a_valid_result(tmp_path: Path) -> None:
+    # A reviewer's pipeline: a huge buffer drained after a bandwidth cap drops to 100/s
+    # delivers 1000x the new oracle for a few steps; a [0, 10] bound on the fractions
+    # rejected that file on every resume.
+    data = small_scenario()
+    data["stages"][0]["buffer"] = 2_000_000
+    data["events"] = [{"at_s": 16, "stage": data["stages"][0]["name"], "bandwidth_cap": 100}]
+    path = tmp_path / "drain.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "o"
+    first = run_compare(str(path), "even", 1, out, duration_s=20.0, **KW)
+    assert first.rows[0]["final_fraction"] > 10
+    again = run_compare(str(path), "even", 1, out, duration_s=20.0, **KW)
+    assert again.ran == [] and len(again.skipped) == 1
+
+
 def test_grid_bounds_refused_before_any_run(tmp_path: Path, scenario_file: Path) -> None:
     # 1e6 s at 2 s steps is 500,000 steps: its result file outgrew what a resume reads
     # back and was rerun every time; a huge --seeds hung building the grid.

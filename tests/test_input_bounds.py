@@ -414,3 +414,13 @@ def test_fewer_cpus_than_stages_message_says_what_is_allowed() -> None:
     with pytest.raises(ScenarioError, match=r"1 CPU\(s\) but the pipeline has \d+ stages; "
                                             r"the start needs one CPU per stage"):
         load_scenario(data)
+
+
+def test_exponent_text_in_a_string_field_stays_text(tmp_path: Path) -> None:
+    # the exponent resolver must not turn ``name: 1e5`` (a valid name) into 100000.0
+    data = small_scenario()
+    path = tmp_path / "s.yaml"
+    text = yaml.safe_dump(data).replace(f"name: {data['name']}\n", "name: 1e5\n", 1)
+    path.write_text(text + "description: 2.5e5\n")
+    sc = load_scenario(path)
+    assert (sc.name, sc.description) == ("1e5", "2.5e5")

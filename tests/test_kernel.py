@@ -20,6 +20,7 @@ from intune_env.intune import InTuneEnv
 from intune_env.vector import ALL_INFO_KEYS, InTuneVectorEnv
 from simulators import (
     Conditions,
+    ScenarioError,
     StageModel,
     builtin_scenarios,
     fitting_start,
@@ -264,6 +265,9 @@ def test_start_fits_an_event_within_the_first_interval() -> None:
         env.reset(options={"allocation": too_big})
     with pytest.raises(ValueError, match="at the first step"):
         InTuneVectorEnv(num_envs=2, scenario=spec, start_allocation=too_big)
+    # a file's own start_allocation is checked the same way when it is loaded
+    with pytest.raises(ScenarioError, match=r"start_allocation: .* after events\.0 \(at_s 1\)"):
+        load_scenario({**spec, "start_allocation": too_big})
 
 
 def test_scenario_file_start_allocation_is_read_and_the_keyword_wins() -> None:
