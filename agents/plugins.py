@@ -27,6 +27,7 @@ from simulators.fileio import echo
 ENTRY_POINT_GROUP = "intune.plugins"
 
 _LOADED: dict[str, str] = {}  # spec -> module name, in load order
+_IMPORTED: dict[str, list[str]] = {}  # spec -> modules its import brought in (its code)
 
 
 class PluginError(ValueError):
@@ -56,6 +57,7 @@ def load_plugin(spec: str) -> str:
     """Import one plugin (a ``.py`` file path or a module name); return its module name."""
     if spec in _LOADED:
         return _LOADED[spec]
+    before = set(sys.modules)
     try:
         if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
             path = Path(spec).resolve()
@@ -72,7 +74,25 @@ def load_plugin(spec: str) -> str:
         raise PluginError(f"plugin {echo(spec)} failed to import: "
                           f"{type(err).__name__}: {echo(str(err))}") from None
     _LOADED[spec] = name
+    _IMPORTED[spec] = _own_modules(name, set(sys.modules) - before)
     return name
+
+
+def _own_modules(name: str, new: set[str]) -> list[str]:
+    """Of the modules a plugin's import brought in, those that are its code: its own
+    package's, and any outside the Python installation (a helper next to a plugin file).
+    Installed libraries it imports (numpy...) are not its code."""
+    top = name.split(".", 1)[0]
+    roots = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    own = []
+    for mod in sorted(new):
+        path = getattr(sys.modules.get(mod), "__file__", None)
+        if not path:
+            continue
+        resolved = Path(path).resolve()
+        if mod.split(".", 1)[0] == top or not any(r in resolved.parents for r in roots):
+            own.append(mod)
+    return own
 
 
 def load_plugins(specs: list[str] | tuple[str, ...]) -> list[str]:
@@ -87,12 +107,17 @@ def load_entry_point_plugins() -> list[str]:
         key = f"entry-point:{ep.name}={ep.value}"
         if key in _LOADED:
             continue
+        before = set(sys.modules)
         try:
             ep.load()
         except Exception as err:
-            raise PluginError(f"plugin entry point {echo(ep.name)} ({echo(ep.value)}) failed "
-                              f"to load: {type(err).__name__}: {echo(str(err))}") from None
+            dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
+            raise PluginError(f"plugin entry point {echo(ep.name)} ({echo(ep.value)}, from "
+                              f"{echo(dist)}) failed to load: {type(err).__name__}: "
+                              f"{echo(str(err))}; `intune --no-entry-points` skips installed "
+                              f"plugins") from None
         _LOADED[key] = ep.value
+        _IMPORTED[key] = _own_modules(ep.value.split(":", 1)[0], set(sys.modules) - before)
         names.append(ep.value)
     return names
 
@@ -107,16 +132,21 @@ def plugins_digest() -> str:
 
     Part of ``intune compare``'s run fingerprints: a plugin defines stage models and
     agents, so a result computed with an older version of its code must not be reused.
-    A module without a source file (an extension) counts by its name only.
+    Each plugin counts with the modules its import brought in that are its own code
+    (:func:`_own_modules`: a helper module it imports, the rest of its package; an edit
+    of a helper reused stale results), by module name, not by the spec as typed
+    (``x.py`` and ``./x.py`` are one plugin). A module without a source file (an
+    extension) counts by its name only.
     """
     if not _LOADED:
         return ""
     h = hashlib.sha256()
     for spec, name in _LOADED.items():
         module_name = name.split(":", 1)[0] if spec.startswith("entry-point:") else name
-        h.update(spec.encode() + b"\0")
-        path = getattr(sys.modules.get(module_name), "__file__", None)
-        if path and Path(path).is_file():
-            h.update(Path(path).read_bytes())
-        h.update(b"\0")
+        for mod in sorted({module_name, *_IMPORTED.get(spec, [])}):
+            h.update(mod.encode() + b"\0")
+            path = getattr(sys.modules.get(mod), "__file__", None)
+            if path and Path(path).is_file():
+                h.update(Path(path).read_bytes())
+            h.update(b"\0")
     return h.hexdigest()

@@ -83,8 +83,12 @@ def register_agent(name: str, factory: Callable[..., Agent]) -> None:
     """Register ``factory(env, seed, model_path=None, **kwargs) -> Agent`` under ``name``.
 
     Factories must be importable by module path (top-level functions or classes) if the
-    agent is used in a parallel ``compare``: worker processes re-import them.
+    agent is used in a parallel ``compare``: worker processes re-import them. A built-in
+    name cannot be replaced (``oracle`` replaced by a plugin kept its description and
+    silently changed every comparison's reference).
     """
+    if name in AGENT_NAMES:
+        raise ValueError(f"agent {name!r} is built in; register the agent under another name")
     _EXTRA[name] = factory
 
 

@@ -104,9 +104,14 @@ class StageModel:
         elem = self.element_bytes()
         state = self.state_bytes()
         for k in range(1, n + 1):
-            capacity[k] = self._capped(k)
-            buffers[k] = self.buffer_capacity(k)
-            workers[k] = self.worker_memory_bytes(k)
+            try:
+                capacity[k] = self._capped(k)
+                buffers[k] = self.buffer_capacity(k)
+                workers[k] = self.worker_memory_bytes(k)
+            except Exception as err:  # a plugin's model: its bug is a one-line fault
+                raise ValueError(
+                    f"stage {self.spec.name!r} (kind {self.kind!r}) failed at {k} CPUs: "
+                    f"{type(err).__name__}: {err}") from None
             memory[k] = workers[k] + buffers[k] * elem + state
         if not np.all(np.isfinite(capacity)) or np.any(capacity[1:] < 0):
             raise ValueError(f"stage {self.spec.name!r}: capacity must be finite and >= 0")
@@ -132,10 +137,17 @@ class StageTables:
         self.state_bytes = state_bytes
 
 
+_BUILTIN_KINDS: frozenset[str] = frozenset()  # set once the built-ins are registered
+
+
 def register_stage_model(cls: type[StageModel]) -> type[StageModel]:
     """Class decorator: make ``cls`` available as ``kind: cls.kind`` in scenarios."""
     if not cls.kind:
         raise ValueError(f"{cls.__name__} needs a non-empty 'kind' class attribute")
+    if cls.kind in _BUILTIN_KINDS and _REGISTRY[cls.kind] is not cls:
+        # replacing a built-in would silently change every built-in scenario
+        raise ValueError(f"{cls.__name__}: stage kind {cls.kind!r} is built in; give the "
+                         f"model another 'kind'")
     _REGISTRY[cls.kind] = cls
     return cls
 
@@ -169,3 +181,7 @@ class LinearStage(StageModel):
 
     def capacity(self, cpus: int) -> float:
         return self.rate_per_cpu * cpus / (1.0 + self.spec.contention * (cpus - 1))
+
+
+#: Kinds the package defines: a plugin may add kinds, not replace these.
+_BUILTIN_KINDS = frozenset(_REGISTRY)

@@ -102,7 +102,8 @@ def test_entry_point_plugins_load_at_startup(tmp_path: Path) -> None:
     one_error_line(intune("--no-entry-points", "scenarios", "show", SCENARIO,
                           extra_path=tmp_path), "amdahl", "--plugin")
     (tmp_path / "amdahl_ep.py").write_text("raise ImportError('half installed')\n")
-    one_error_line(intune("agents", extra_path=tmp_path), "entry point", "half installed")
+    one_error_line(intune("agents", extra_path=tmp_path), "entry point", "half installed",
+                   "amdahl-ep", "--no-entry-points")
 
 
 def test_compare_reruns_when_a_plugins_code_changes(tmp_path: Path) -> None:
@@ -125,3 +126,53 @@ def test_compare_reruns_when_a_plugins_code_changes(tmp_path: Path) -> None:
     plugin.write_text(plugin.read_text() + "\n# an edit that changes nothing it computes\n")
     proc = intune(*args)
     assert proc.returncode == 0 and "0 reused" in proc.stdout, proc.stdout
+
+
+def test_compare_reruns_when_a_module_the_plugin_imports_changes(tmp_path: Path) -> None:
+    # A stranger's plugin took its capacity formula from a helper module next to it:
+    # halving the rate there reused the old results (only the plugin's file was hashed).
+    (tmp_path / "amdahl_helper.py").write_text("FACTOR = 1.0\n")
+    plugin = tmp_path / "pb.py"
+    plugin.write_text((ROOT / PLUGIN).read_text() + "\nimport os\nimport sys\n\n"
+                      "sys.path.insert(0, os.path.dirname(__file__))\n"
+                      "import amdahl_helper  # noqa: E402\n")
+    out = tmp_path / "grid"
+    args = ("--plugin", str(plugin), "compare", "--scenarios", SCENARIO, "--agents", "even",
+            "--seeds", "1", "--duration-s", "30", "--out", str(out), "--no-progress",
+            "--no-plots")
+    assert intune(*args).returncode == 0
+    assert "1 reused" in intune(*args).stdout
+    (tmp_path / "amdahl_helper.py").write_text("FACTOR = 0.5\n")
+    proc = intune(*args)
+    assert proc.returncode == 0 and "0 reused" in proc.stdout, proc.stdout
+    assert "plugin code" in proc.stdout + proc.stderr
+
+
+def test_plugin_model_bug_and_builtin_names_are_one_line(tmp_path: Path) -> None:
+    buggy = tmp_path / "buggy.py"
+    buggy.write_text((ROOT / PLUGIN).read_text().replace(
+        "def capacity(self, cpus", "def capacity(self, cpus: int) -> float:\n"
+        "        return self.params['typo']\n\n    def _unused(self, cpus", 1))
+    one_error_line(intune("--plugin", str(buggy), "scenarios", "show", SCENARIO),
+                   "stage 'transform' (kind 'amdahl') failed at 1 CPUs", "KeyError")
+    shadow = tmp_path / "shadow.py"
+    shadow.write_text("from simulators import StageModel, register_stage_model\n\n\n"
+                      "@register_stage_model\nclass Fake(StageModel):\n"
+                      "    kind = 'linear'\n\n    def capacity(self, cpus):\n"
+                      "        return self.rate_per_cpu\n")
+    one_error_line(intune("--plugin", str(shadow), "agents"), "'linear' is built in")
+    shadow.write_text("from agents.registry import register_agent\n"
+                      "from agents.static import MinAgent\n\n\n"
+                      "def fake(env, seed, model_path=None, **kw):\n    return MinAgent()\n\n\n"
+                      "register_agent('oracle', fake)\n")
+    one_error_line(intune("--plugin", str(shadow), "agents"), "agent 'oracle' is built in")
+
+
+def test_run_counts_an_out_of_memory_crash_as_zero() -> None:
+    # `intune run` averaged only the steps before the crash (0.735 for a job that died at
+    # the first step); `intune compare` counts 0 from the crash on, and so does run now.
+    proc = intune("run", "--agent", "autotune", "--scenario", "memory-tight", "--every",
+                  "1000")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "last 20% 0.000 (out of memory: 0 from the crash on)" in last, last

@@ -71,6 +71,10 @@ def run_cmd(scenario: str, agent_name: str, model_path: Path | None, trust_model
         if terminated:
             click.echo("the job ran out of memory")
             break
+    crashed = len(fractions) < steps
+    # as in `intune compare`: a crashed job delivers nothing for the rest of the episode
+    fractions += [0.0] * (steps - len(fractions))
     tail = fractions[-max(1, len(fractions) // 5):]
     click.echo(f"{agent_name} on {sc.name}: mean fraction of oracle "
-               f"{sum(fractions) / len(fractions):.3f}, last 20% {sum(tail) / len(tail):.3f}")
+               f"{sum(fractions) / len(fractions):.3f}, last 20% {sum(tail) / len(tail):.3f}"
+               + (" (out of memory: 0 from the crash on)" if crashed else ""))

@@ -302,8 +302,8 @@ def validate_run(res: Any, spec: RunSpec) -> str | None:
         changed = [k for k, v in (("duration_s", spec.duration_s), ("seed", spec.seed),
                                   ("agent", spec.agent), ("scenario", spec.scenario))
                    if res.get(k) != v]
-        what = ", ".join(changed) if changed else "scenario content, agent options, " \
-                                                  "budget or package version"
+        what = ", ".join(changed) if changed else "scenario content, agent options, plugin " \
+                                                  "code, budget or package version"
         return f"settings changed ({what})"
     # A matching fingerprint says the inputs were the same, not that the file is intact:
     # every field the reports read is checked, so an edited or damaged file is rerun
