@@ -176,3 +176,17 @@ def test_run_counts_an_out_of_memory_crash_as_zero() -> None:
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert "last 20% 0.000 (out of memory: 0 from the crash on)" in last, last
+
+
+def test_lambda_agent_in_a_parallel_compare_says_what_helps(tmp_path: Path) -> None:
+    # "rerun the same command to retry them" can never help a factory the workers
+    # cannot re-import; the closing line says what does
+    plugin = tmp_path / "lam.py"
+    plugin.write_text("from agents.registry import make_agent, register_agent\n\n"
+                      "register_agent('lam', lambda env, seed, model_path=None, **kw: "
+                      "make_agent('even', env, seed))\n")
+    proc = intune("--plugin", str(plugin), "compare", "--scenarios", "dlrm-criteo",
+                  "--agents", "lam", "--seeds", "2", "--jobs", "2", "--duration-s", "10",
+                  "--out", str(tmp_path / "o"), "--no-progress", "--no-plots")
+    assert proc.returncode == 1
+    assert "make it a top-level function or use --jobs 1" in proc.stderr.splitlines()[-1]

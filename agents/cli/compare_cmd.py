@@ -92,8 +92,7 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
     except (*USER_ERRORS, CompareError, ValueError) as err:
         fail(str(err))
     # The last line names every output, so a reader knows where to look.
-    outputs = [n for n in ("runs.csv", "summary.md", "summary.json", "plots/")
-               if (res.out / n.rstrip("/")).exists()]
+    outputs = [p.name + ("/" if p.is_dir() else "") for p in res.outputs if p.exists()]
     click.echo(f"{len(res.ran)} runs done, {len(res.skipped)} reused, {len(res.failed)} failed; "
                f"wrote {', '.join(outputs)} in {res.out}")
     if res.refused:  # the user's input, found during the runs: exit 2 like any other
@@ -101,7 +100,13 @@ def compare(scenarios: str, agents: str, seeds: int, out_dir: Path, duration_s: 
         fail(f"{len(res.refused)} run(s) refused their input ({key}: {why}); fix it and "
              f"rerun the same command")
     if res.failed:  # each failure was logged as it happened; one closing line
+        # a factory the workers cannot re-import (a lambda, a nested function) fails the
+        # same way on every retry: say what does help
+        pickling = any("pickl" in why.lower() for why in res.failed.values())
+        advice = ("an agent factory that worker processes cannot import (a lambda or "
+                  "nested function): make it a top-level function or use --jobs 1" if pickling
+                  else "rerun the same command to retry them")
         click.echo(f"intune: {len(res.failed)} run(s) failed (errors above: "
                    f"{', '.join(list(res.failed)[:3])}{' ...' if len(res.failed) > 3 else ''});"
-                   f" rerun the same command to retry them", err=True)
+                   f" {advice}", err=True)
         sys.exit(1)
