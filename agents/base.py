@@ -88,6 +88,12 @@ def apply(env: gym.Env, choice: int | Allocation) -> int:
     return int(choice)
 
 
+def episode_steps(duration_s: float, dt: float) -> int:
+    """Control steps of an episode of ``duration_s`` simulated seconds at interval ``dt``
+    (at least one): what ``intune run``, ``eval`` and ``compare`` run, and bound."""
+    return max(1, round(duration_s / dt))
+
+
 def run_episode(env: gym.Env, agent: Agent, seed: int | None = None,
                 max_steps: int | None = None, learn: bool = True,
                 options: dict[str, Any] | None = None) -> EpisodeTrace:

@@ -41,7 +41,7 @@ def run_cmd(scenario: str, agent_name: str, model_path: Path | None, trust_model
 
     import intune_env  # noqa: F401  (registers the envs)
     from agents import registry
-    from agents.base import apply
+    from agents.base import apply, episode_steps
 
     at_least(every, 1, "--every")
     finite_positive(duration_s, "--duration-s")
@@ -50,7 +50,7 @@ def run_cmd(scenario: str, agent_name: str, model_path: Path | None, trust_model
     sc = load_scenario_or_fail(scenario)
     warn_late_events(sc, duration_s)
     env = gym.make("InTune-v0", scenario=sc, render_mode="ansi", max_episode_steps=None)
-    steps = max(1, round(duration_s / env.unwrapped.sim.dt))
+    steps = episode_steps(duration_s, env.unwrapped.sim.dt)
     try:
         agent = registry.make_agent(agent_name, env, seed=seed, model_path=model_path,
                                     **trust_kwargs(trust_model, registry.make_agent, model_path))

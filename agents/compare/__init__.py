@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import registry
+from agents.base import episode_steps
 from agents.compare.executors import run_local, run_ray
 from agents.compare.grid import (
     RUN_COLUMNS,
@@ -137,7 +138,7 @@ def run_compare(scenarios: str | Sequence[str], agents: str | Sequence[str],
     for name, data in sc.items():
         # each run's result file keeps its whole trace; past this many steps it would
         # outgrow what a resume reads back (MAX_RUN_BYTES) and be rerun every time
-        steps = round(duration_s / float(data["control_interval_s"]))
+        steps = episode_steps(duration_s, float(data["control_interval_s"]))
         if steps > MAX_RUN_STEPS:
             raise CompareError(
                 f"--duration-s {duration_s:g}: scenario {echo(name)!r} steps every "
@@ -222,7 +223,7 @@ def _run_grid(specs: list[RunSpec], out: Path, scenarios: list[str], agents: lis
             dt = float(r.get("control_interval_s", 2.0))
             traces[(r["scenario"], r["agent"], int(r["seed"]))] = {
                 **r["trace"], "dt": dt,
-                "n_steps": max(1, round(float(r.get("duration_s", 0.0)) / dt))}
+                "n_steps": episode_steps(float(r.get("duration_s", 0.0)), dt)}
         make_plots(out / "plots", traces, result.summary, scenarios, agents)
         result.outputs.append(out / "plots")
     return result

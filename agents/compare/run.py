@@ -45,11 +45,11 @@ def execute_run(spec: RunSpec, progress: ProgressFn | None = None) -> dict[str, 
     """Run one (scenario, agent, seed): train the SB3 model first if needed; return the
     result dict (metrics + trace + fingerprint). Writes no result file."""
     import intune_env  # noqa: F401  (registers InTune-v0 in a spawned process)
-    from agents.base import run_episode
+    from agents.base import episode_steps, run_episode
 
     scenario = load_scenario(spec.scenario_data)
     dt = scenario.control_interval_s
-    n_steps = max(1, round(spec.duration_s / dt))
+    n_steps = episode_steps(spec.duration_s, dt)
     train_wall = 0.0
     model_path = spec.model_path
     if spec.agent in registry.SB3_AGENTS and model_path is not None \
