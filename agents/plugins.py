@@ -28,6 +28,9 @@ ENTRY_POINT_GROUP = "intune.plugins"
 
 _LOADED: dict[str, str] = {}  # spec -> module name, in load order
 _IMPORTED: dict[str, list[str]] = {}  # spec -> modules its import brought in (its code)
+# spec -> what a worker process loads for it: a file's absolute path (a worker may run in
+# another directory: Ray's do), a module's name, an entry point's key
+_FOR_WORKERS: dict[str, str] = {}
 
 
 class PluginError(ValueError):
@@ -57,13 +60,20 @@ def load_plugin(spec: str) -> str:
     """Import one plugin (a ``.py`` file path or a module name); return its module name."""
     if spec in _LOADED:
         return _LOADED[spec]
+    if spec.startswith("entry-point:"):  # a parent's installed plugins, in a worker
+        load_entry_point_plugins()
+        if spec not in _LOADED:
+            raise PluginError(f"plugin {echo(spec)}: no such entry point installed here")
+        return _LOADED[spec]
     before = set(sys.modules)
+    worker_spec = spec
     try:
         if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
             path = Path(spec).resolve()
             if not path.is_file():
                 raise PluginError(f"plugin {echo(spec)}: no such file")
             name = _import_file(path)
+            worker_spec = str(path)
         else:
             name = importlib.import_module(spec).__name__
     except PluginError:
@@ -75,6 +85,7 @@ def load_plugin(spec: str) -> str:
                           f"{type(err).__name__}: {echo(str(err))}") from None
     _LOADED[spec] = name
     _IMPORTED[spec] = _own_modules(name, set(sys.modules) - before)
+    _FOR_WORKERS[spec] = worker_spec
     return name
 
 
@@ -117,14 +128,17 @@ def load_entry_point_plugins() -> list[str]:
                               f"{echo(str(err))}; `intune --no-entry-points` skips installed "
                               f"plugins") from None
         _LOADED[key] = ep.value
+        _FOR_WORKERS[key] = key
         _IMPORTED[key] = _own_modules(ep.value.split(":", 1)[0], set(sys.modules) - before)
         names.append(ep.value)
     return names
 
 
 def loaded_plugins() -> list[str]:
-    """Specs loaded so far in this process (what worker processes must load too)."""
-    return [s for s in _LOADED if not s.startswith("entry-point:")]
+    """What worker processes must load to have this process's plugins: plugin files by
+    absolute path, modules by name, and the installed entry points loaded here (so
+    ``--no-entry-points`` holds in workers too)."""
+    return list(dict.fromkeys(_FOR_WORKERS[s] for s in _LOADED))
 
 
 def plugins_digest() -> str:

@@ -43,7 +43,9 @@ stage whose per-worker memory was never measured gets the rigorous upper bound
 not fit, the agent first *probes* (releases one CPU of the stage and measures the memory
 freed) instead of guessing; probes are not learnt from, nor are releases of a saturated
 bottleneck below its mark (tests of how far its plateau reaches, which cost throughput
-when it does not: learnt from, they taught the table to keep slack). A one-CPU stage
+when it does not: learnt from, they taught the table to keep slack), nor the forced
+release that tests a bottleneck held at its ``max_cpus`` (:meth:`Estimator.test_at_max`:
+no add ever comes to judge whether it is capped below that). A one-CPU stage
 cannot be probed: it is assumed to need at most twice the largest worker measured in this
 pipeline (its own scale) or, before any is measured, ``unknown_worker_fraction`` of the
 memory (5%: half of what one CPU per stage leaves free in the generated suite); a
@@ -185,6 +187,9 @@ class Perception:
     # a take would release the bottleneck on its saturation plateau: a test of how far
     # the plateau reaches down (a measurement, like a probe), not a release of slack
     plateau_test: bool = False
+    # the bottleneck, marked at its max_cpus for a release test (Estimator.test_at_max),
+    # is on its mark: the release is that test, forced (a measurement, not learnt)
+    max_test: bool = False
 
 
 
@@ -362,6 +367,8 @@ class QLearningAgent(Agent):
         # take: the stage that keeps the most capacity relative to the target with one
         # CPU fewer (the bottleneck itself only as a last resort).
         best, best_over = -1, -math.inf
+        if not gpu_bound and alloc[b] >= max_cpus[b]:
+            est.test_at_max(b, alloc[b])  # (a no-op unless the test would be decisive)
         sat_b = est.saturated_at[b]
         # On its plateau: releasing a CPU loses nothing (or, one below the known plateau,
         # tests whether the plateau reaches further down; see Estimator._extend_plateau).
@@ -409,6 +416,10 @@ class QLearningAgent(Agent):
             # it would never test the plateau; the test comes first.
             shed, take_stage = (True, b) if at_mark else self._shed_move(
                 alloc, take_stage, info, worst)
+        max_test = (est.max_test[b] and not gpu_bound and not est.floor_found[b]
+                    and alloc[b] == sat_b > 1)
+        if max_test:
+            take_stage = b
         take_bytes = 0.0
         if take_stage >= 0 and est.worker_bytes[take_stage] is not None:
             take_bytes = est.worker_bytes[take_stage] + (
@@ -425,7 +436,7 @@ class QLearningAgent(Agent):
                        give_bytes=give_bytes, take_bytes=take_bytes,
                        give_fits=f_b == 1 and fits and not probe and not critical,
                        allocation=tuple(alloc), worst_fraction=worst / capacity,
-                       plateau_test=plateau_test)
+                       plateau_test=plateau_test, max_test=max_test)
         self._cache_info, self._cache = info, p
         return p
 
@@ -619,6 +630,10 @@ class QLearningAgent(Agent):
             # Shield: shed memory now if the worst case is over the limit. Learnt from
             # (off-policy).
             a, learnable = TAKE, True
+        elif p.max_test:
+            # The bottleneck held at its max_cpus is tested by a release (is it capped
+            # below that? see Estimator.test_at_max): a measurement, not learnt from.
+            a, learnable = TAKE, False
         elif (self.time_slicing and p.features[1] >= 1 and p.give_fits
               and self._slice_pays(p, info)):
             # No CPU is free, but one more time-sliced thread for the bottleneck pays

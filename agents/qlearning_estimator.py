@@ -42,6 +42,10 @@ Online estimates (from measurable ``info`` keys only, never ``oracle_*``):
   share model's error alone makes them, and they never pay for the share a thread takes
   from every stage; and the last thread must show its own gain (the two highest thread
   counts), since the line also spans counts below a cap, where threads still gained.
+  A bottleneck held at its ``max_cpus`` gets no add to judge: there a release test (a
+  tentative mark at ``max_cpus``, checked one release at a time) runs where one CPU of a
+  linear stage would be a decisive 6 standard errors of the test, and not again while
+  the capacity the stage last showed a gain at still holds (:meth:`Estimator.test_at_max`).
 
 
 Read next: :mod:`agents.qlearning` (state abstraction, Q-learning, shield) and
@@ -104,6 +108,13 @@ class Estimator:
         # the lower end of the plateau was found (a release below the mark lost capacity):
         # the mark is then a floor, not a spare CPU
         self.floor_found = [False] * n
+        self.gain_step = [-10**9] * n  # step of the last judgement that found a gain
+        # the mark was placed at max_cpus for a release test (see test_at_max)
+        self.max_test = [False] * n
+        self.test_var = [0.0] * n  # the noise that test was sized with
+        # (CPUs k, capacity there) where the stage last showed a gain from its k-th CPU
+        # (a judgement of an add, or a release test at max_cpus refuted at its first step)
+        self.gained_at: list[tuple[int, float]] = [(0, 0.0)] * n
         # |change| of static memory between consecutive steps at one allocation (the last
         # MEMORY_STEPS such steps) and, where ``info`` has ``peak_memory_bytes`` (the
         # live env), the peak above the sample (the last MEMORY_STEPS steps): the
@@ -211,6 +222,7 @@ class Estimator:
         for i in range(self.n):
             if resized:
                 self.history[i] = []
+                self.gained_at[i] = (0, 0.0)
             elif prev is not None and alloc[i] != prev[i]:
                 self.pending[i] = alloc[i] > prev[i]
             if busy[i] > 0 and processed[i] > 0:
@@ -262,6 +274,8 @@ class Estimator:
                 # Conditions change (events): forget after a while and re-probe.
                 if self.saturated_age[i] > self.SATURATION_STEPS or resized:
                     self.saturated_at[i] = 0
+            if not self.saturated_at[i] or self.floor_found[i]:
+                self.max_test[i] = False
         self.prev_alloc = alloc
         self._last_share = share
         self.prev_static = static
@@ -315,6 +329,7 @@ class Estimator:
             if not (self.oversubscribed and len(levels) > 2):
                 self.pending[i] = False
                 self.suspect[i] = 0
+                self._gained(i, k)
                 return
             # While time-sliced, a useless thread taxes every stage: one line through
             # the window also spans CPU counts below a cap, where CPUs still gained, so
@@ -336,6 +351,7 @@ class Estimator:
             if gains(g, g_se):
                 self.pending[i] = False
                 self.suspect[i] = 0
+                self._gained(i, k)
                 return
             # Only the last thread is shown useless: the mark goes no lower than the
             # count before it.
@@ -364,6 +380,55 @@ class Estimator:
         self.floor_found[i] = False
         self.saturated_age[i] = 0
         self.suspect[i] = 0
+
+    def _gained(self, i: int, k: int) -> None:
+        """A judgement found that the CPUs added to stage ``i`` (now ``k``) gain."""
+        self.gain_step[i] = self.step
+        at_k = [h[2] for h in self.history[i] if h[1] == k]
+        if at_k:
+            self.gained_at[i] = (k, float(np.mean(at_k)))
+
+    def test_at_max(self, i: int, k: int) -> bool:
+        """Mark the bottleneck ``i``, held at its ``max_cpus`` ``k``, for a release test.
+
+        No CPU can be added there, so no judgement ever comes from an add, and a capped
+        stage held at its maximum was never found out (``suite:test:0009``: a reader
+        capped at a third of one CPU's rate held 5 CPUs; after the machine shrank to 3
+        CPUs its threads time-sliced everything, at 0.455 of the oracle in every seed).
+        A tentative mark at ``k`` makes the agent release one CPU and
+        :meth:`_extend_plateau` judge it (4 samples), then the next, while the plateau
+        holds. Placed only where the test is decisive: one CPU of a linear stage is
+        ``1 / k`` of its capacity, which must be 6 standard errors of the test (4 let
+        linear stages down by false passes under noise), with 4 samples at ``k``, none
+        time-sliced, no gain judged in the last ``SATURATION_STEPS``, and not where the
+        stage last showed a gain at ``k`` and its capacity has not fallen by a CPU's
+        worth since. Returns whether the mark was placed.
+        """
+        if (self.saturated_at[i] or self.oversubscribed
+                or self.step - self.gain_step[i] <= self.SATURATION_STEPS):
+            return False
+        at_k = [h[2] for h in self.history[i] if h[1] == k]
+        if len(at_k) < 4:
+            return False
+        mean = float(np.mean(at_k))
+        gain_k, gain_cap = self.gained_at[i]
+        if gain_k == k and mean > gain_cap * (1 - 1 / k):
+            # The k-th CPU was shown to gain, and the capacity has not fallen by a CPU's
+            # worth since (as a cap that appeared would make it): the test would only
+            # cost a dip (one per such stage and episode on suite:test:0023, 0104, 0111).
+            return False
+        # The noise: the measured one or the spread of the samples at k, if larger (the
+        # consecutive-sample estimate runs low where buffers smooth neighbouring
+        # intervals: 11% measured, 15.5% spread on suite:test:0068, where the weaker test
+        # then let a linear stage down)
+        var = max(self.noise_var[i], float(np.var(at_k, ddof=1)) / mean**2)
+        if 1 / k < 6 * math.sqrt(var * (0.25 + 1 / len(at_k))):
+            return False
+        self.saturated_at[i] = self.plateau_low[i] = k
+        self.plateau[i], self.plateau_n[i] = mean, len(at_k)
+        self.floor_found[i], self.saturated_age[i], self.max_test[i] = False, 0, True
+        self.test_var[i] = var
+        return True
 
     def _mark(self, i: int, k: int, k0: int, per_cpu: float, n0: int, plateau: float) -> int:
         """Fewest CPUs (from ``k0`` to ``k``) at which ``per_cpu`` reaches the plateau.
@@ -399,11 +464,14 @@ class Estimator:
         if len(samples) < 4:
             return
         mean = float(np.mean(samples))
-        se = math.sqrt(self.noise_var[i] * (1 / len(samples) + 1 / self.plateau_n[i]))
+        var = max(self.noise_var[i], self.test_var[i]) if self.max_test[i] else self.noise_var[i]
+        se = math.sqrt(var * (1 / len(samples) + 1 / self.plateau_n[i]))
         if mean >= self.plateau[i] * (1 - 2 * se):
             self.saturated_at[i] = min(sat, k)
             self.plateau_low[i] = k
         else:
+            if self.max_test[i] and k + 1 == self.plateau_low[i] == sat:
+                self.gained_at[i] = (k + 1, self.plateau[i])  # its first step lost capacity
             self.saturated_at[i] = k + 1  # the plateau starts above k
             self.floor_found[i] = True
 

@@ -107,10 +107,14 @@ def _matrix(path: Path, data: dict[str, Any], key: str, integer: bool) -> np.nda
     shape_msg = f"{key!r} must be a {N_STATES}x{N_ACTIONS} table of numbers"
     if not isinstance(rows, list):
         raise _fail(path, shape_msg)
-    if len(rows) != N_STATES or any(not isinstance(r, list) or len(r) != N_ACTIONS
-                                    for r in rows):
-        got = (len(rows), *({len(r) for r in rows if isinstance(r, list)} or {0}))
-        raise _fail(path, f"{key!r} has shape {got}, expected ({N_STATES}, {N_ACTIONS})")
+    if len(rows) != N_STATES:
+        raise _fail(path, f"{key!r} has {len(rows)} rows, expected {N_STATES} (one per "
+                          f"state) of {N_ACTIONS} numbers")
+    for i, r in enumerate(rows):
+        if not isinstance(r, list) or len(r) != N_ACTIONS:
+            what = f"{len(r)} values" if isinstance(r, list) else f"a {type(r).__name__}"
+            raise _fail(path, f"{key}[{i}] is {what}, expected {N_ACTIONS} numbers (one per "
+                              f"action)")
     for i, row in enumerate(rows):
         for j, v in enumerate(row):
             where = f"{key}[{i}][{j}]"

@@ -30,6 +30,7 @@ import contextlib
 import difflib
 import inspect
 import io
+import itertools
 import math
 import pickle
 import tempfile
@@ -44,8 +45,14 @@ from typing import Annotated, Any
 import gymnasium as gym
 import numpy as np
 import torch
-import yaml
-from pydantic import ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 from sb3_contrib import MaskablePPO
 from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
 from sb3_contrib.common.wrappers import ActionMasker
@@ -79,7 +86,7 @@ from simulators.fileio import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from simulators.scenario import StrictModel
+from simulators.scenario import ExponentFloat, ScenarioError, StrictModel, parse_yaml
 
 #: The YAML file shipped with the package.
 HYPERPARAMS_PATH = Path(__file__).parent / "hyperparams" / "sb3.yaml"
@@ -114,12 +121,12 @@ def load_hyperparams(algo: str, path: str | Path | None = None) -> dict[str, Any
     algo = canonical_algo(algo)
     p = Path(path) if path is not None else HYPERPARAMS_PATH
     try:
-        data = yaml.safe_load(read_text_limited(p, what="hyperparameter file"))
-    except InputFileError as err:
+        # the scenario loader: `3e-4` is a number (YAML 1.1 reads it as a string), and
+        # duplicate keys, octal `010` and base-60 `1:30` are refused, not misread
+        data = plain_numbers(parse_yaml(read_text_limited(p, what="hyperparameter file"),
+                                        echo_path(p)))
+    except (InputFileError, ScenarioError) as err:
         raise HyperparamError(str(err)) from None
-    except yaml.YAMLError as err:
-        why = echo(getattr(err, "problem", None) or err)
-        raise HyperparamError(f"{echo_path(p)}: invalid YAML ({why})") from None
     if not isinstance(data, dict) or not isinstance(data.get(algo), dict):
         raise HyperparamError(f"{echo_path(p)}: no mapping for algorithm {algo!r} (expected "
                               f"a top-level key {algo}: with n_timesteps, policy, ...)")
@@ -128,10 +135,41 @@ def load_hyperparams(algo: str, path: str | Path | None = None) -> dict[str, Any
     return hp
 
 
+def plain_numbers(value: Any) -> Any:
+    """``value`` with every exponent-only YAML number (``1e5``, ``3e-4``) a plain ``int`` or
+    ``float``, in nested mappings and lists too.
+
+    The scenario loader returns them as a ``float`` subclass that remembers its text;
+    SB3, pickling and JSON want plain numbers. A whole number written without a decimal
+    point (``1e5``) is an integer, as scenario files read it: ``n_timesteps: 1e5``.
+    """
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_numbers(v) for v in value]
+    if isinstance(value, ExponentFloat):
+        number = float(value)
+        whole = math.isfinite(number) and number.is_integer() and "." not in value.text
+        return int(number) if whole else number
+    return value
+
+
 class HyperparamError(InputFileError):
     """A hyperparameter file (or override) with a bad key or value; one line naming the
     file and the key. A user's fault wherever it surfaces (also inside a compare run)."""
 
+
+#: Largest on-policy rollout, n_steps * n_envs transitions: SB3 allocates the whole
+#: buffer up front (~200 bytes a transition with 8 stages' observations and action
+#: masks, and copies it once to shuffle), so 2**20 is about half a GB; the shipped
+#: file uses 2,048.
+MAX_ROLLOUT = 2**20
+#: Largest DQN replay buffer (SB3's default): obs + next_obs of every transition are
+#: allocated up front, ~250 bytes each.
+MAX_BUFFER_SIZE = 10**6
+#: Largest minibatch: DQN samples (and copies) this many transitions every gradient step;
+#: more than 65,536 is a whole rollout or most of a replay buffer, not a minibatch.
+MAX_BATCH_SIZE = 2**16
 
 _Fraction = Annotated[float, Field(ge=0, le=1)]
 _Count = Annotated[StrictInt, Field(ge=1)]
@@ -160,10 +198,10 @@ class HyperparamRanges(StrictModel):
     vf_coef: float = Field(default=0.5, ge=0)
     max_grad_norm: float = Field(default=0.5, gt=0)
     rms_prop_eps: float = Field(default=1e-5, gt=0)
-    n_steps: _Count = 1
-    batch_size: _Count = 64
+    n_steps: StrictInt = Field(default=1, ge=1, le=MAX_ROLLOUT)
+    batch_size: StrictInt = Field(default=64, ge=1, le=MAX_BATCH_SIZE)
     n_epochs: _Count = 10
-    buffer_size: _Count = 1
+    buffer_size: StrictInt = Field(default=1, ge=1, le=MAX_BUFFER_SIZE)
     target_update_interval: _Count = 1
     stats_window_size: _Count = 100
     learning_starts: StrictInt = Field(default=0, ge=0)
@@ -191,16 +229,39 @@ class HyperparamRanges(StrictModel):
         return v
 
 
-def _expected(key: str) -> str:
-    """``"a number in (0, 1]"``, ``"an integer >= 1"``...: the range of ``key`` in words."""
-    field = HyperparamRanges.model_fields[key]
+class NormalizeSettings(StrictModel):
+    """``normalize: {...}``: the ``VecNormalize`` arguments a file may set (SB3's
+    defaults). ``training`` is the loop's to set; ``norm_obs_keys`` needs dict
+    observations, and InTune's are one vector."""
+
+    norm_obs: StrictBool = True
+    norm_reward: StrictBool = True
+    clip_obs: float = Field(default=10.0, gt=0)
+    clip_reward: float = Field(default=10.0, gt=0)
+    # the discount of the running return that scales rewards: 1 would never forget
+    gamma: float = Field(default=0.99, ge=0, lt=1)
+    # added to the variance before the square root: 0 divides by zero on a constant input
+    epsilon: float = Field(default=1e-8, gt=0)
+
+
+def _expected(model: type[StrictModel], key: str) -> str:
+    """``"a number in (0, 1]"``, ``"an integer from 1 to 4,096"``...: ``key``'s range in
+    words."""
+    field = model.model_fields[key]
     if field.description:
         return field.description
-    kind = "a number" if float in (typing.get_args(field.annotation) or (field.annotation,)) \
-        else "an integer"
-    low = next((("(", m.gt) for m in field.metadata if hasattr(m, "gt")), None) or \
-        next((("[", m.ge) for m in field.metadata if hasattr(m, "ge")), None)
-    high = next(((m.le, "]") for m in field.metadata if hasattr(m, "le")), None)
+    args = typing.get_args(field.annotation) or (field.annotation,)
+    if bool in args:
+        return "true or false"
+    kind = "a number" if float in args else "an integer"
+    bound = {name: getattr(m, name) for m in field.metadata for name in ("gt", "ge", "lt", "le")
+             if getattr(m, name, None) is not None}
+    low = ("(", bound["gt"]) if "gt" in bound else ("[", bound["ge"]) if "ge" in bound \
+        else None
+    high = (bound["lt"], ")") if "lt" in bound else (bound["le"], "]") if "le" in bound \
+        else None
+    if kind == "an integer" and low and high:
+        return f"an integer from {low[1]:,} to {high[0]:,}"
     if low and high:
         return f"{kind} in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
     if low:
@@ -208,32 +269,136 @@ def _expected(key: str) -> str:
     return kind
 
 
-def check_ranges(hp: dict[str, Any], where: str) -> None:
+def check_ranges(hp: dict[str, Any], where: str,
+                 model: type[StrictModel] = HyperparamRanges) -> None:
     """:class:`HyperparamError` naming ``where.KEY`` and its range for the first value of
-    ``hp`` outside :class:`HyperparamRanges`."""
+    ``hp`` outside ``model`` (or a key it does not have, if it forbids extra keys)."""
     try:
-        HyperparamRanges.model_validate(hp)
+        model.model_validate(hp)
     except ValidationError as err:
-        key = str(err.errors()[0]["loc"][0])
-        raise HyperparamError(f"{where}.{echo(key)}: expected {_expected(key)}, got "
+        first = err.errors()[0]
+        key = str(first["loc"][0])
+        if first["type"] == "extra_forbidden":
+            raise HyperparamError(f"{where}.{echo(key)}: unknown key; expected one of "
+                                  f"{', '.join(model.model_fields)}") from None
+        raise HyperparamError(f"{where}.{echo(key)}: expected {_expected(model, key)}, got "
                               f"{echo(repr(hp[key]))}") from None
 
 
 #: Constructor arguments train_sb3 sets itself (a file may not).
 _SET_BY_TRAINING = ("env", "seed", "device", "verbose", "tensorboard_log", "policy",
                     "_init_setup_model")
-#: policy_kwargs a file may set (classes such as optimizer_class would be code).
-_POLICY_KWARGS = ("net_arch", "activation_fn", "ortho_init", "log_std_init")
+#: Constructor arguments that take a class or its arguments (code, or sizes the checks
+#: below could not see): SB3 picks the buffer for the algorithm, as a loaded model does.
+_NOT_SETTABLE = ("rollout_buffer_class", "rollout_buffer_kwargs", "replay_buffer_class",
+                 "replay_buffer_kwargs")
+#: policy_kwargs a file may set, per algorithm: what each SB3 policy's constructor takes
+#: (MaskablePPO's has no log_std_init, DQN's neither ortho_init); classes such as
+#: optimizer_class would be code.
+_POLICY_KWARGS: dict[str, tuple[str, ...]] = {
+    "ppo": ("net_arch", "activation_fn", "ortho_init", "log_std_init"),
+    "a2c": ("net_arch", "activation_fn", "ortho_init", "log_std_init"),
+    "maskable_ppo": ("net_arch", "activation_fn", "ortho_init"),
+    "dqn": ("net_arch", "activation_fn"),
+}
 #: Largest n_envs (copies of the env held in memory at once).
 MAX_N_ENVS = 4096
+#: Widest hidden layer: observations are at most 28 numbers (8 stages), so 4,096 units
+#: is already far more than a policy for them needs (the shipped file uses 64 and 256).
+MAX_LAYER_WIDTH = 4096
+#: Most hidden layers of one network.
+MAX_LAYERS = 8
+#: Most weights between the hidden layers of one network (2**24: [4096, 4096]): with
+#: gradients and Adam's two moments, 16M weights are ~256 MB, and PPO has two networks
+#: and DQN a target copy. Eight layers of 4,096 would be ~2 GB each.
+MAX_NET_WEIGHTS = 2**24
+
+
+def _first_nonfinite(value: Any, at: str) -> tuple[str, float] | None:
+    """Where (``at.KEY...``) and what the first NaN or infinity in ``value`` is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at, value
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _first_nonfinite(v, at if isinstance(value, list) else f"{at}.{echo(str(k))}")
+        if found:
+            return found
+    return None
+
+
+def _check_net_arch(algo: str, net_arch: Any, at: str) -> None:
+    """``net_arch`` as SB3 takes it for ``algo``: a list of layer widths, or for the
+    actor-critic algorithms ``{pi: [...], vf: [...]}`` (separate policy and value
+    networks; a missing key is no hidden layer). ``null`` is SB3's default."""
+    if net_arch is None:
+        return
+    dict_ok = algo != "dqn"  # DQN's QNetwork takes one list of widths
+    expected = "a list of layer widths" + (" or {pi: [...], vf: [...]}" if dict_ok else "")
+    if isinstance(net_arch, dict) and dict_ok:
+        for key in net_arch:
+            if key not in ("pi", "vf"):
+                raise HyperparamError(f"{at}.{echo(str(key))}: unknown key; expected pi (the "
+                                      f"policy network) or vf (the value network)")
+        nets = {f"{at}.{k}": v for k, v in net_arch.items()}
+    else:
+        nets = {at: net_arch}
+    for where, layers in nets.items():
+        if not isinstance(layers, list):
+            what = expected if where == at else "a list of layer widths"
+            raise HyperparamError(f"{where}: expected {what}, got {echo(repr(layers))}")
+        if len(layers) > MAX_LAYERS:
+            raise HyperparamError(f"{where}: expected at most {MAX_LAYERS} hidden layers, "
+                                  f"got {len(layers)}")
+        for i, width in enumerate(layers):
+            if isinstance(width, bool) or not isinstance(width, int) or \
+                    not 1 <= width <= MAX_LAYER_WIDTH:
+                raise HyperparamError(f"{where}[{i}]: expected a layer width, an integer from 1 "
+                                      f"to {MAX_LAYER_WIDTH:,}, got {echo(repr(width))}")
+        weights = sum(a * b for a, b in itertools.pairwise(layers))
+        if weights > MAX_NET_WEIGHTS:
+            raise HyperparamError(f"{where}: {weights:,} weights between the hidden layers; "
+                                  f"expected at most {MAX_NET_WEIGHTS:,} (e.g. [4096, 4096])")
+
+
+def _check_policy_kwargs(algo: str, pk: Any, at: str) -> None:
+    if not isinstance(pk, dict):
+        raise HyperparamError(f"{at}: expected a mapping, got {echo(repr(pk))}")
+    allowed = _POLICY_KWARGS[algo]
+    for key in pk:
+        if key not in allowed:
+            raise HyperparamError(f"{at}.{echo(str(key))}: not settable from a file for "
+                                  f"{algo}; expected one of {', '.join(allowed)}")
+    _check_net_arch(algo, pk.get("net_arch"), f"{at}.net_arch")
+    act = pk.get("activation_fn", "tanh")
+    if not isinstance(act, str) or act.lower() not in _ACTIVATIONS:
+        raise HyperparamError(f"{at}.activation_fn: expected one of "
+                              f"{', '.join(_ACTIVATIONS)}, got {echo(repr(act))}")
+    if not isinstance(pk.get("ortho_init", True), bool):
+        raise HyperparamError(f"{at}.ortho_init: expected true or false, got "
+                              f"{echo(repr(pk['ortho_init']))}")
+    log_std = pk.get("log_std_init", 0.0)
+    if isinstance(log_std, bool) or not isinstance(log_std, int | float):
+        raise HyperparamError(f"{at}.log_std_init: expected a number, got {echo(repr(log_std))}")
+
+
+def _check_normalize(value: Any, at: str) -> None:
+    """``normalize``: true, false (or null) or a mapping of :class:`NormalizeSettings`."""
+    if value is None or isinstance(value, bool):
+        return
+    if not isinstance(value, dict):
+        raise HyperparamError(f"{at}: expected true, false or a mapping of VecNormalize "
+                              f"settings ({', '.join(NormalizeSettings.model_fields)}), got "
+                              f"{echo(repr(value))}")
+    check_ranges(value, at, NormalizeSettings)
 
 
 def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
     """``ValueError`` naming ``where.KEY`` unless ``hp`` is a usable mapping for ``algo``.
 
     Keys are the loop keys or the SB3 constructor's own arguments; counts are integers
-    in range; numbers are finite; no value names code (schedules and classes cannot be
-    given in a file).
+    in range; numbers are finite (nested ones too); sizes that SB3 allocates up front are
+    bounded; no value names code (schedules and classes cannot be given in a file).
     """
     params = inspect.signature(ALGOS[algo].__init__).parameters
     allowed = set(_LOOP_KEYS) | (set(params) - set(_SET_BY_TRAINING) - {"self"})
@@ -244,8 +409,12 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
             raise HyperparamError(f"{at}: unknown hyperparameter"
                                   + (f"; did you mean {near[0]!r}?" if near else
                                      f" (not an argument of {ALGOS[algo].__name__})"))
-        if isinstance(value, float) and not math.isfinite(value):
-            raise HyperparamError(f"{at}: expected a finite number, got {value!r}")
+        if key in _NOT_SETTABLE:
+            raise HyperparamError(f"{at}: not settable from a file (SB3 picks the buffer; "
+                                  f"its size is n_steps or buffer_size)")
+        found = _first_nonfinite(value, at)
+        if found:
+            raise HyperparamError(f"{found[0]}: expected a finite number, got {found[1]!r}")
         # the constructor's default tells the type (SB3 checks few of them itself); the
         # range table types its own keys
         default = params[key].default if key in params and \
@@ -276,18 +445,27 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
     if hp.get("policy", "MlpPolicy") != "MlpPolicy":
         raise HyperparamError(f"{where}.policy: expected MlpPolicy (observations are one "
                               f"vector), got {echo(repr(hp['policy']))}")
-    pk = hp.get("policy_kwargs")
-    if pk is not None:
-        if not isinstance(pk, dict):
-            raise HyperparamError(f"{where}.policy_kwargs: expected a mapping")
-        for key in pk:
-            if key not in _POLICY_KWARGS:
-                raise HyperparamError(f"{where}.policy_kwargs.{echo(str(key))}: not settable "
-                                      f"from a file; expected one of {', '.join(_POLICY_KWARGS)}")
-        act = pk.get("activation_fn", "tanh")
-        if not isinstance(act, str) or act.lower() not in _ACTIVATIONS:
-            raise HyperparamError(f"{where}.policy_kwargs.activation_fn: expected one of "
-                                  f"{', '.join(_ACTIVATIONS)}, got {echo(repr(act))}")
+    # sizes SB3 allocates from two keys at once; absent keys count as SB3's defaults
+    size = {k: hp.get(k, params[k].default) for k in ("n_steps", "batch_size") if k in params}
+    if algo != "dqn" and size["n_steps"] * hp.get("n_envs", 1) > MAX_ROLLOUT:
+        raise HyperparamError(f"{where}.n_steps: n_steps * n_envs = "
+                              f"{size['n_steps'] * hp.get('n_envs', 1):,} transitions a "
+                              f"rollout; expected at most {MAX_ROLLOUT:,} (the buffer is "
+                              f"allocated up front)")
+    if algo == "dqn" and size["n_steps"] * size["batch_size"] > MAX_ROLLOUT:
+        # n-step returns gather [batch_size, n_steps] arrays every gradient step
+        raise HyperparamError(f"{where}.n_steps: n_steps * batch_size = "
+                              f"{size['n_steps'] * size['batch_size']:,}; expected at most "
+                              f"{MAX_ROLLOUT:,}")
+    if hp.get("use_sde"):
+        raise HyperparamError(f"{where}.use_sde: expected false (gSDE needs continuous "
+                              f"actions; InTune's are discrete)")
+    if hp.get("optimize_memory_usage"):
+        raise HyperparamError(f"{where}.optimize_memory_usage: expected false (SB3's replay "
+                              f"buffer cannot use it with episodes cut by a time limit)")
+    if "policy_kwargs" in hp and hp["policy_kwargs"] is not None:
+        _check_policy_kwargs(algo, hp["policy_kwargs"], f"{where}.policy_kwargs")
+    _check_normalize(hp.get("normalize"), f"{where}.normalize")
 
 
 def _mask_fn(env: gym.Env) -> np.ndarray:
@@ -503,8 +681,9 @@ def train_sb3(algo: str, scenario: Any, out: str | Path, *, seed: int = 0,
     hp = load_hyperparams(algo, hyperparams_path)
     where = f"{echo_path(hyperparams_path or HYPERPARAMS_PATH)}: {algo}"
     if overrides:
-        hp.update(overrides)
-        check_hyperparams(algo, hp, where)
+        hp.update(plain_numbers(overrides))
+        check_hyperparams(algo, hp, f"{echo_path(hyperparams_path or HYPERPARAMS_PATH)} "
+                                    f"(with overrides): {algo}")
     requested = int(n_timesteps if n_timesteps is not None else hp["n_timesteps"])
     if requested < 1:
         raise ValueError(f"n_timesteps must be at least 1, got {requested}")

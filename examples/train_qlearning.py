@@ -17,15 +17,22 @@ import numpy as np
 import intune_env  # noqa: F401  (registers InTune-v0)
 from agents.base import apply, run_episode
 from agents.qlearning import QLearningAgent
+from simulators import ScenarioError, load_scenario
 
 parser = argparse.ArgumentParser(description="Train the tabular Q-learner and watch it.")
 parser.add_argument("scenario", nargs="?", default="transform-heavy")
 parser.add_argument("--episodes", type=int, default=5)
 parser.add_argument("--every", type=int, default=50, help="print the table every N steps")
 args = parser.parse_args()
+if args.episodes < 1 or args.every < 1:
+    parser.error("--episodes and --every must be at least 1")
+try:
+    scenario = load_scenario(args.scenario)  # one line for a bad name or file, not a trace
+except ScenarioError as err:
+    parser.error(str(err))
 
 # 1. Train from an empty table: a few episodes of 600 steps (1200 simulated seconds).
-env = gym.make("InTune-v0", scenario=args.scenario)
+env = gym.make("InTune-v0", scenario=scenario)
 agent = QLearningAgent(epsilon=(0.3, 0.02, 2000), learning_rate=0.1, discount=0.9, seed=0)
 start = time.perf_counter()
 for episode in range(args.episodes):
@@ -39,7 +46,7 @@ for state, action, visits in agent.policy_table():
     print(f"  {state:<72} -> {action:<5} ({visits} visits)")
 
 # 3. Watch it (still learning online, as when deployed) from the even start.
-env = gym.make("InTune-v0", scenario=args.scenario, render_mode="ansi")
+env = gym.make("InTune-v0", scenario=scenario, render_mode="ansi")
 obs, info = env.reset(seed=123)
 agent.reset(obs, info)
 for step in range(600):

@@ -31,7 +31,9 @@ MAX_TEXT_BYTES = 1 << 20
 #: Characters of user input echoed in an error message.
 ECHO_CHARS = 80
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0/C1 controls (ANSI escapes, NUL) and the bidirectional overrides and isolates, which
+# reorder the text printed after them (U+202E shows "txt.exe" as "exe.txt")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class InputFileError(ValueError):
@@ -42,7 +44,8 @@ def echo(value: object, limit: int = ECHO_CHARS) -> str:
     """``repr``-like text of user input that is safe to print: control characters (ANSI
     escapes included) escaped, at most ``limit`` characters."""
     text = value if isinstance(value, str) else repr(value)
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = _CONTROL.sub(lambda m: (f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                   else f"\\u{ord(m.group()):04x}"), text)
     if len(text) > limit:
         text = f"{text[: limit - 3]}... ({len(text):,} chars)"
     return text

@@ -116,12 +116,18 @@ def _is_numeric(annotation: Any) -> bool:
     return any(a in (int, float) for a in args) and str not in args
 
 
-class _ExponentFloat(float):
+def _is_integer(annotation: Any) -> bool:
+    """Whether a field holds a whole number only (``int``, optionally ``None``)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return int in args and float not in args and str not in args
+
+
+class ExponentFloat(float):
     """A YAML number written with an exponent only (``1e5``), remembering its text."""
 
     text: str
 
-    def __new__(cls, text: str) -> _ExponentFloat:
+    def __new__(cls, text: str) -> ExponentFloat:
         obj = super().__new__(cls, text.replace("_", ""))
         obj.text = text
         return obj
@@ -140,13 +146,17 @@ class StrictModel(BaseModel):
         # pydantic's lax mode reads true/false as 1/0 and "40000" as 40000: refuse both,
         # since a YAML `yes` or a quoted number is a mistake, not a value
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(v, _ExponentFloat):
+        if isinstance(v, ExponentFloat):
             return v if field is None or _is_numeric(field.annotation) else v.text
         if field is not None and _is_numeric(field.annotation) and isinstance(v, bool | str):
             kind = "integer" if int in (typing.get_args(field.annotation) or
                                         (field.annotation,)) else "number"
             raise ValueError(f"expected a valid {kind}, not a "
                              f"{'boolean' if isinstance(v, bool) else 'string'}")
+        if field is not None and _is_integer(field.annotation) and isinstance(v, float):
+            # lax pydantic reads 8.0 as 8: a CPU count or buffer written as a float is a
+            # slip (or a computed value) to look at, not a count
+            raise ValueError("expected a valid integer, written without a decimal point")
         return v
 
 
@@ -330,6 +340,11 @@ class Scenario(StrictModel):
                 raise ValueError(f"stages.{i}.kind: {err.args[0]}") from None
             except ValueError as err:
                 raise ValueError(f"stages.{i}.params: {err}") from None
+            if st.contention and not stage_model_class(st.kind).uses_contention:
+                # silently ignored, it would look like a stage that scales when it does not
+                raise ValueError(f"stages.{i}.contention: kind {st.kind!r} does not use "
+                                 f"contention (built in, only 'linear' does; a model "
+                                 f"declares uses_contention = True); remove it")
         if len(self.stages) > self.machine.cpus:
             raise ValueError(
                 f"the machine has {self.machine.cpus} CPU(s) but the pipeline has "
@@ -393,6 +408,7 @@ class Scenario(StrictModel):
         # the start must fit the conditions at reset (events at 0 applied) and those of
         # the first step (events within the first interval), as the env checks it
         start_checks = {sum(e.at_s <= 0 for e in events), sum(e.at_s <= dt for e in events)}
+        start_conds = []
         for j in range(len(events) + 1):
             where = "stages" if j == 0 else f"events.{self.events.index(events[j - 1])}"
             if j:
@@ -402,17 +418,9 @@ class Scenario(StrictModel):
             except (ValueError, OverflowError, ArithmeticError) as err:
                 raise ValueError(f"{where}: {echo(str(err), 200)}") from None
             # (an event may leave fewer CPUs than stages: the stages then time-slice)
-            self._check_min_fits(cond, comp, where if j else "")
-            if j in start_checks and isinstance(self.start_allocation, tuple):
-                need = cond.fixed_memory_bytes + sum(
-                    comp.worst_memory[i][k] for i, k in enumerate(self.start_allocation))
-                if need > cond.memory_capacity_bytes:
-                    after = f" after {where} (at_s {events[j - 1].at_s:g})" if j else ""
-                    raise ValueError(
-                        f"start_allocation: {list(self.start_allocation)} needs up to "
-                        f"{need / GIB:.2f} GiB (every buffer full) but the machine has "
-                        f"{cond.memory_capacity_bytes / GIB:.2f} GiB{after}; use 'even' "
-                        f"(fitted to memory) or fewer CPUs")
+            self._check_min_fits(cond, where if j else "")
+            if j in start_checks:
+                start_conds.append(cond)
             if j == 0:  # a stage that cannot pass one sample per interval delivers nothing
                 if self.machine.gpu_rate * dt < 1:  # nor can such a GPU consume one
                     raise ValueError(
@@ -437,13 +445,18 @@ class Scenario(StrictModel):
             if mem > MAX_DERIVED_BYTES:
                 raise ValueError(f"{where}: worst-case memory {mem:.3g} bytes; expected at "
                                  f"most 2**47")
+        if isinstance(self.start_allocation, tuple):  # the env's own check, at validation
+            from simulators.pipeline import check_start_fits  # late: imports this module
 
-    def _check_min_fits(self, cond: Any, comp: Any, event: str = "") -> None:
+            check_start_fits(start_conds[0], self.start_allocation, later=start_conds[1:])
+
+    def _check_min_fits(self, cond: Any, event: str = "") -> None:
         # The env's fitted start falls back to one CPU per stage; if even that cannot fit,
         # every episode would end in an out-of-memory crash at the first step. After an
         # ``event`` the same holds: every allocation would crash there.
-        need = cond.fixed_memory_bytes + sum(comp.worst_memory[i][1]
-                                             for i in range(len(self.stages)))
+        from simulators.pipeline import worst_memory  # late: imports this module
+
+        need = worst_memory(cond, [1] * len(self.stages))
         have = cond.memory_capacity_bytes
         if need > have:
             what = ("after this event every allocation runs out of memory" if event
@@ -573,7 +586,26 @@ class _ScenarioLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, f"integer of {len(node.value):,} characters; expected at most "
                 f"{MAX_INT_CHARS}", node.start_mark)
-        return super().construct_yaml_int(node)
+        value = super().construct_yaml_int(node)
+        self._refuse_yaml11(node, value)
+        return value
+
+    def construct_yaml_float(self, node: Any) -> Any:
+        value = super().construct_yaml_float(node)
+        self._refuse_yaml11(node, value)
+        return value
+
+    @staticmethod
+    def _refuse_yaml11(node: Any, value: Any) -> None:
+        # YAML 1.1 (PyYAML) reads `010` as octal 8 and `1:30:00` as base 60 (5400):
+        # numbers nobody means in a scenario; refuse them rather than run another value
+        text = str(node.value).replace("_", "")
+        if ":" in text or re.fullmatch(r"[-+]?0[0-7]+", text):
+            kind, fix = (("base 60", "write it as one decimal number") if ":" in text else
+                         ("octal", "write it without leading zeros"))
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{echo(node.value)} is read as {kind} ({value:g}) by YAML 1.1; "
+                f"{fix}, or quote it if it is text", node.start_mark)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         if isinstance(node, yaml.MappingNode):
@@ -595,6 +627,8 @@ class _ScenarioLoader(yaml.SafeLoader):
 
 
 _ScenarioLoader.add_constructor("tag:yaml.org,2002:int", _ScenarioLoader.construct_yaml_int)
+_ScenarioLoader.add_constructor("tag:yaml.org,2002:float",
+                                _ScenarioLoader.construct_yaml_float)
 # YAML 1.1 (PyYAML) reads ``1e9``, ``2.5e5`` and ``5e-05`` (as ``json.dumps`` writes them)
 # as strings: it wants a dot and a signed exponent. Read them as the numbers they are,
 # keeping the text for string fields (``name: 1e5`` stays the name "1e5").
@@ -604,7 +638,7 @@ _ScenarioLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))
 _ScenarioLoader.add_constructor(
-    _EXP_FLOAT_TAG, lambda loader, node: _ExponentFloat(loader.construct_scalar(node)))
+    _EXP_FLOAT_TAG, lambda loader, node: ExponentFloat(loader.construct_scalar(node)))
 
 
 def _expanded_size(node: Any, memo: dict[int, int]) -> int:

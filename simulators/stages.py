@@ -45,6 +45,9 @@ class StageModel:
     kind: ClassVar[str] = ""
     #: Names of the parameters this model needs in the stage's ``params`` mapping.
     param_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`capacity` reads ``spec.contention``; a scenario giving contention to
+    #: a kind that ignores it is refused rather than silently run linear.
+    uses_contention: ClassVar[bool] = False
 
     def __init__(self, spec: StageSpec, rate_factor: float = 1.0,
                  bandwidth_cap: float | None = None) -> None:
@@ -178,6 +181,7 @@ class LinearStage(StageModel):
     """
 
     kind = "linear"
+    uses_contention = True
 
     def capacity(self, cpus: int) -> float:
         return self.rate_per_cpu * cpus / (1.0 + self.spec.contention * (cpus - 1))

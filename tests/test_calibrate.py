@@ -110,12 +110,24 @@ def test_cli_calibrate_and_sweep(tmp_path) -> None:
                  marks=pytest.mark.skipif(not Path("/sys").is_dir(), reason="no sysfs")),
     (["--out", "x.yaml", "--read-latency-ms", "-1"], "--read-latency-ms"),
     (["--out", "x.yaml", "--measure-s", "0"], "--measure-s"),
+    # refused before any measuring: numpy was asked for 46.6 TiB; a 100000-CPU machine
+    # failed only after 13 s of live measurements, against the scenario's 1024 bound
+    (["--out", "x.yaml", "--batch-size", "100000000000"], "--batch-size must be in 1..16384"),
+    (["--out", "x.yaml", "--cpus", "100000"], "--cpus must be in 5..1024"),
+    (["--out", "x.yaml", "--max-workers", "99999999,1,1,1,1"], "integers in 1..1024"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, fault) -> None:
     res = CliRunner().invoke(calibrate_cmd, args)
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and fault in lines[0] and "Traceback" not in res.output
+
+
+def test_negative_seed_names_the_option() -> None:
+    from agents.cli import main  # the error boundary that makes click's usage errors one line
+
+    res = CliRunner().invoke(main, ["calibrate", "--out", "x.yaml", "--seed", "-1"])
+    assert res.exit_code == 2 and "'--seed': -1 is not in the range" in res.stderr, res.output
 
 
 def test_cli_module_is_light_and_matches_the_pipeline() -> None:

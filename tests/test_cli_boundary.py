@@ -93,7 +93,7 @@ def test_train_refuses_a_folder_where_the_model_goes_before_training(tmp_path: P
 @pytest.mark.parametrize(("hp", "fragment"), [
     ("ppo:\n  n_timesteps: 64\n  gamma: 5.0\n", "ppo.gamma: expected a number in (0, 1]"),
     # refused by SB3 itself, once training has started inside OUT
-    ("ppo:\n  n_timesteps: 64\n  n_envs: 1\n  policy_kwargs: {net_arch: abc}\n",
+    ("ppo:\n  n_timesteps: 64\n  n_envs: 1\n  batch_size: 1\n",
      "PPO refused the hyperparameters")])
 def test_train_failing_on_user_input_leaves_no_out_folder(tmp_path: Path, hp: str,
                                                           fragment: str) -> None:
@@ -132,6 +132,50 @@ def test_out_naming_a_file_says_it_is_a_file(tmp_path: Path) -> None:
     one_line(invoke("compare", "--agents", "even", "--scenarios", "dlrm-criteo", "--seeds", "1",
                     "--out", str(blocker)), "is a file")
     one_line(invoke("scenarios", "generate", "--count", "1", "--out", str(blocker)), "is a file")
+
+
+def test_empty_out_is_refused_not_the_current_folder(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("") is "."; `--out ''` (an unset variable) wrote runs/, runs.csv, summary.*
+    # and .compare.lock into the current folder
+    from agents.compare import CompareError, run_compare
+
+    monkeypatch.chdir(tmp_path)
+    one_line(invoke("compare", "--agents", "even", "--scenarios", "dlrm-criteo", "--seeds",
+                    "1", "--duration-s", "20", "--jobs", "1", "--out", ""),
+             "--out", "empty path")
+    with pytest.raises(CompareError, match="--out: empty path"):
+        run_compare("dlrm-criteo", "even", 1, "", duration_s=20.0, jobs=1, progress=False,
+                    plots=False)
+    one_line(invoke("train", "--agent", "qlearning-scratch", "--steps", "10", "--out", ""),
+             "--out", "empty path")
+    one_line(invoke("scenarios", "generate", "--count", "1", "--out", ""), "--out", "empty path")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("make", "fragment"), [
+    # was "output folder is not writable (File exists)"
+    ("runs", "runs is a file; expected a folder"),
+    # were found only once every run had finished
+    ("plots", "plots is a file; expected a folder"),
+    ("plots/summary.png/", "summary.png is a folder; expected a file"),
+    ("runs/dlrm-criteo__even__seed0.json/", "seed0.json is a folder; expected a file"),
+    (".compare.lock/", ".compare.lock is a folder; expected a file"),
+])
+def test_compare_checks_where_it_writes_before_any_run(tmp_path: Path, make: str,
+                                                       fragment: str) -> None:
+    out = tmp_path / "out"
+    target = out / make.rstrip("/")
+    if make.endswith("/"):
+        target.mkdir(parents=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("x")
+    one_line(invoke("compare", "--agents", "even", "--scenarios", "dlrm-criteo", "--seeds",
+                    "1", "--duration-s", "20", "--jobs", "1", "--no-progress", "--out",
+                    str(out)), str(out), fragment)
+    assert not [p for p in out.rglob("*.json") if p.is_file()]  # no run ran
+    assert not (out / "runs.csv").exists()
 
 
 def test_names_too_long_for_the_file_system(tmp_path: Path) -> None:

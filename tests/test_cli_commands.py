@@ -113,9 +113,38 @@ def test_late_events_warn_once_per_scenario(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "warning" not in res.stderr  # the event happens
 
 
+@pytest.mark.parametrize(("at_s", "late"), [(1199.0, False), (1200.0, False), (1201.0, True)])
+def test_late_event_boundary_is_the_last_interval_start(at_s: float, late: bool,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    # 600 steps of 2 s: the last starts at 1200 s, so an event at 1200 s still happens
+    # (the warning said it never did), one at 1201 s does not
+    from conftest import small_scenario
+
+    from agents.cli.common import warn_late_events
+
+    data = small_scenario()
+    data["events"] = [{"at_s": at_s, "stage": data["stages"][0]["name"],
+                       "rate_per_cpu_factor": 0.5}]
+    warn_late_events(simulators.load_scenario(data), 1200.0)
+    err = capsys.readouterr().err
+    assert ("never happen" in err) == late, err
+
+
 def test_the_command_starts_without_heavy_imports() -> None:
     heavy = ("torch", "matplotlib", "stable_baselines3", "pyarrow", "ray")
     code = f"import sys, agents.cli; print([m for m in {heavy!r} if m in sys.modules])"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_run_lengths_have_upper_bounds(tmp_path: Path) -> None:
+    # accepted before, they would have run for years
+    res = CliRunner().invoke(main, ["eval", "--agent", "even", "--episodes", "100000000"])
+    assert res.exit_code == 2 and "--episodes: at most 10,000" in res.stderr
+    out = tmp_path / "m"
+    res = CliRunner().invoke(main, ["train", "--agent", "qlearning-scratch", "--steps",
+                                    "10000000000000", "--out", str(out)])
+    assert res.exit_code == 2 and "--steps: at most 100,000,000" in res.stderr
+    assert not out.exists()

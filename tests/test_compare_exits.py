@@ -183,9 +183,9 @@ def test_user_errors_exit_2_with_one_line_and_no_folder(tmp_path: Path, case: st
 
 
 def test_a_user_error_found_during_a_run_exits_2(tmp_path: Path) -> None:
-    # SB3 itself refuses this net_arch, which only shows when the run builds the model
+    # SB3 itself refuses a batch of 1, which only shows when the run builds the model
     hp = tmp_path / "hp.yaml"
-    hp.write_text("ppo:\n  n_timesteps: 64\n  n_envs: 1\n  policy_kwargs: {net_arch: abc}\n")
+    hp.write_text("ppo:\n  n_timesteps: 64\n  n_envs: 1\n  batch_size: 1\n")
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["compare", "--agents", "even,ppo", "--scenarios",
                                     "dlrm-criteo", "--seeds", "1", "--out", str(out),
@@ -198,3 +198,48 @@ def test_a_user_error_found_during_a_run_exits_2(tmp_path: Path) -> None:
     assert "hp.yaml: ppo: PPO refused the hyperparameters" in last and "Traceback" not in \
         res.output
     assert (out / "runs" / "dlrm-criteo__even__seed0.json").exists()  # the good run is kept
+
+
+def _fake_model(folder: Path, meta: dict | None, stats: str | None) -> None:
+    """``ppo.zip`` that passes the zip checks (its weights are never read here), with a
+    ``ppo.json`` sidecar ``meta`` and a ``ppo.vecnormalize.json`` text ``stats``."""
+    import zipfile
+
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "ppo.zip", "w") as zf:
+        zf.writestr("data", "{}")
+        zf.writestr("policy.pth", b"not read")
+    if meta is not None:
+        (folder / "ppo.json").write_text(json.dumps(meta))
+    if stats is not None:
+        (folder / "ppo.vecnormalize.json").write_text(stats)
+
+
+_STATS = '{"format": "intune-obs-stats", "version": 1, "mean": [%s], "var": [1.0], ' \
+         '"count": 1.0, "clip_obs": 10.0, "epsilon": 1e-8}'
+
+
+@pytest.mark.parametrize(("meta", "stats", "fragment"), [
+    # the tester's vn_nan: found only when the run loaded it, after OUT was made
+    ({"algo": "ppo", "normalized": True}, _STATS % "NaN",
+     "ppo.vecnormalize.json: field 'mean' must hold finite numbers"),
+    ({"algo": "ppo", "normalized": True}, None, "ppo.vecnormalize.json: missing"),
+    ({"algo": "ppo", "normalized": True}, '{"mean": [0', "is not valid JSON"),
+    ({"algo": "a2c"}, None, "model was trained with a2c, not ppo"),
+    ({"algo": "../../etc"}, None, "unknown SB3 algorithm"),
+    ({"algo": "ppo", "observation_shape": [99], "n_actions": 11}, None,
+     "model takes observations of shape (99,)"),
+])
+def test_given_model_files_are_checked_before_out_exists(tmp_path: Path, meta: dict,
+                                                         stats: str | None,
+                                                         fragment: str) -> None:
+    _fake_model(tmp_path / "models", meta, stats)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["compare", "--scenarios", "dlrm-criteo", "--agents", "ppo",
+                                    "--seeds", "1", "--models", str(tmp_path / "models"),
+                                    "--out", str(out), "--no-progress", "--no-plots"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("intune: error: --models: "), res.stderr
+    assert fragment in lines[0], lines[0]
+    assert not out.exists()  # the CHANGELOG's promise: a refused compare leaves no folder

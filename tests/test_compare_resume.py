@@ -95,17 +95,57 @@ def _edit(d: dict, what: str) -> None:
         d["control_interval_s"] = "abc"
     elif what == "allocation-width":
         trace["allocation"][0] = [1, 2]
+    elif what == "stage-renamed":
+        trace["stage_names"][0] = "other"
+    elif what.startswith("set "):  # "set FIELD VALUE" or "set trace.SERIES:STEP VALUE"
+        _, key, value = what.split(" ")
+        if key.startswith("trace."):
+            series, step = key[len("trace."):].split(":")
+            trace[series][int(step)] = json.loads(value)
+        else:
+            d[key] = json.loads(value)
 
 
-@pytest.mark.parametrize("what", ["no-stage-names", "no-scenario", "other-scenario",
-                                  "other-seed", "oom-7", "string-in-trace",
-                                  "short-allocation", "empty-time", "interval-string",
-                                  "allocation-width"])
+#: Edits that kept the fingerprint, and what the rerun reason must name.
+EDITS = {
+    "no-stage-names": "stage_names", "no-scenario": "scenario", "other-scenario": "scenario",
+    "other-seed": "seed", "oom-7": "oom", "string-in-trace": "fraction",
+    "short-allocation": "allocation", "empty-time": "time_s",
+    "interval-string": "control_interval_s", "allocation-width": "allocation",
+    "stage-renamed": "stage_names",
+    # the interval sizes the plots' arrays (steps = duration / interval): 0 divided by
+    # zero, 1e-300 asked numpy for 1e301 entries (1e-6 took all memory: not tried here)
+    "set control_interval_s 0": "control_interval_s",
+    "set control_interval_s 1e-300": "control_interval_s",
+    "set control_interval_s 1.0": "control_interval_s",  # finite, not the scenario's
+    "set steps 10.0": "steps", "set steps 9": "steps",  # no OOM: all 10 steps ran
+    "set invalid_actions 11": "invalid_actions",
+    # impossible values a reused file put straight into the report
+    "set final_fraction 5.0": "final_fraction", "set mean_fraction 99": "mean_fraction",
+    "set mean_memory_fraction -3": "mean_memory_fraction",
+    "set final_throughput 1e300": "final_throughput",
+    "set final_throughput -5": "final_throughput",
+    "set mean_throughput -1": "mean_throughput",
+    "set final_throughput 50000": "final_throughput",  # possible, but not its trace's
+    "set time_to_90_s -500": "time_to_90_s", "set wall_s -1": "wall_s",
+    "set trace.time_s:0 -1": "time_s", "set trace.time_s:3 4.0": "time_s",
+    "set trace.throughput:2 1e300": "throughput",
+    "set trace.throughput:2 -1": "throughput",
+    "set trace.oracle_throughput:2 1e300": "oracle_throughput",
+    "set trace.fraction:2 5.0": "fraction",
+    "set trace.memory_fraction:2 -1": "memory_fraction",
+    "set trace.cpus_total:2 0": "cpus_total",
+    "set trace.allocation:2 [1,1,99999]": "allocation",
+}
+
+
+@pytest.mark.parametrize("what", list(EDITS))
 def test_edited_run_file_with_matching_fingerprint_reruns(tmp_path: Path,
                                                           scenario_file: Path,
                                                           what: str) -> None:
     # A stranger's edits that kept the fingerprint: reused, they crashed the report
-    # (KeyError: 'stage_names') or skewed it (an OOM rate of 2.33, a seed dropped).
+    # (KeyError: 'stage_names', ZeroDivisionError), exhausted memory, or skewed it (an OOM
+    # rate of 2.33, a seed dropped, an IQM of 2.998 from one final_fraction of 5).
     out = tmp_path / "o"
     run_compare(str(scenario_file), "even", 2, out, duration_s=20.0, plots=False,
                 jobs=1, progress=False)
@@ -116,7 +156,9 @@ def test_edited_run_file_with_matching_fingerprint_reruns(tmp_path: Path,
     res = run_compare(str(scenario_file), "even", 2, out, duration_s=20.0, jobs=1,
                       progress=False, plots=True)
     assert res.ran == ["small__even__seed1"]
-    assert res.rerun["small__even__seed1"]  # with its reason
+    why = res.rerun["small__even__seed1"]  # with its reason, naming the field
+    assert EDITS[what] in why, why
+    assert all(0 <= float(r["final_fraction"]) <= 1.5 for r in res.rows)
     assert sorted(int(r["seed"]) for r in res.rows) == [0, 1]
     assert all(r["oom"] in (0, 1, "0", "1", False, True) for r in res.rows)
 

@@ -40,3 +40,18 @@ def test_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     out = capsys.readouterr().out
     assert "oracle with an Amdahl transform" in out and "transform" in out
+
+
+def test_contention_on_a_kind_that_ignores_it_is_refused() -> None:
+    # the Amdahl model never reads spec.contention: run silently, the stage would scale
+    # as if the contention were not there
+    mod = runpy.run_path(str(EXAMPLE))
+    bad = dict(mod["SCENARIO"])
+    bad["stages"] = [dict(s) for s in bad["stages"]]
+    bad["stages"][2]["contention"] = 0.05
+    with pytest.raises(ScenarioError, match=r"stages\.2\.contention: kind 'amdahl' does not "
+                                            r"use contention"):
+        load_scenario(bad)
+    bad["stages"][0]["contention"] = 0.05  # the built-in linear kind reads it
+    del bad["stages"][2]["contention"]
+    load_scenario(bad)

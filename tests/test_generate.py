@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gymnasium as gym
@@ -149,3 +150,32 @@ def test_a_folder_in_place_of_a_member_writes_none(tmp_path: Path) -> None:
         write_scenarios(3, 0, tmp_path)
     assert err.value.filename == str(tmp_path / "gen-0-1.yaml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen-0-1.yaml"]
+
+
+def test_recovery_metrics_tell_coming_back_from_dipping_later() -> None:
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import generalization as g
+
+    t = np.arange(2.0, 602.0, 2.0)  # 300 steps of 2 s
+    ratio = np.ones_like(t)
+    ratio[(t > 100) & (t <= 160)] = 0.5  # an event at 100 s: back at 162 s
+    ratio[(t > 400) & (t <= 410)] = 0.8  # a dip 300 s later, in the same phase
+    assert g._t90_back_after_events(t, ratio, [100.0], False) == 62.0
+    assert g._t90_after_events(t, ratio, [100.0], False) == 310.0  # the dip's end
+    # a crossing that does not hold 30 s is not back
+    ratio[(t > 170) & (t <= 180)] = 0.5
+    ratio[t == 166] = 0.5
+    assert g._t90_back_after_events(t, ratio, [100.0], False) == 82.0
+    # an event 10 s later does not cut the first one's recovery; a crash is never back
+    assert g._t90_back_after_events(t, ratio, [100.0, 110.0], False) == 82.0
+    assert g._t90_after_events(t, ratio, [100.0, 110.0], False) == math.inf
+    assert g._t90_back_after_events(t, np.ones_like(t), [100.0], True) == math.inf
+    # the end of the episode ends the hold; a dip within the hold is not back
+    assert g._t90_back_after_events(t, ratio, [100.0, 590.0], False) == 82.0
+    ratio[t > 596] = 0.5
+    assert g._t90_back_after_events(t, ratio, [100.0, 580.0], False) == math.inf

@@ -424,3 +424,50 @@ def test_exponent_text_in_a_string_field_stays_text(tmp_path: Path) -> None:
     path.write_text(text + "description: 2.5e5\n")
     sc = load_scenario(path)
     assert (sc.name, sc.description) == ("1e5", "2.5e5")
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("010", "010 is read as octal (8) by YAML 1.1"),
+    ("1:30:00", "1:30:00 is read as base 60 (5400) by YAML 1.1"),
+    ("1:2.5", "1:2.5 is read as base 60 (62.5) by YAML 1.1"),
+])
+def test_yaml11_octal_and_base60_refused(tmp_path: Path, text: str, match: str) -> None:
+    # PyYAML read `cpus: 010` as 8 CPUs and `gpu_rate: 1:30:00` as 5400 samples/s
+    data = small_scenario()
+    data["machine"]["gpu_rate"] = "GPU"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data).replace("GPU", text))
+    _one_line(path, match)
+
+
+def test_whole_floats_in_integer_fields_refused() -> None:
+    # lax pydantic read cpus: 8.0 and buffer: 2.0 as integers; floats stay fine where
+    # a field is a number
+    data = small_scenario()
+    data["machine"]["cpus"] = float(data["machine"]["cpus"])
+    with pytest.raises(ScenarioError, match=r"machine.cpus: expected a valid integer, "
+                                            r"written without a decimal point"):
+        load_scenario(data)
+    data = small_scenario()
+    data["stages"][0]["buffer"] = 2.0
+    with pytest.raises(ScenarioError, match=r"stages.0.buffer: expected a valid integer"):
+        load_scenario(data)
+    data = small_scenario()
+    data["machine"]["memory_gib"] = int(data["machine"]["memory_gib"]) + 1  # int for float
+    data["stages"][0]["buffer"] = 0x10
+    load_scenario(data)
+
+
+def test_show_escapes_controls_and_bidi_overrides(tmp_path: Path) -> None:
+    # a NUL and U+202E (which reorders what follows it) were printed raw
+    data = small_scenario()
+    data["description"] = "x\u202eevil\x00nul " + "long " * 40
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    out = subprocess.run([sys.executable, "-m", "agents.cli", "scenarios", "show", str(path)],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert "x\\u202eevil\\x00nul" in first and "\u202e" not in first and "\x00" not in first
+    assert first.rstrip().endswith("long")  # the whole description, not cut at 80 characters

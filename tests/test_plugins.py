@@ -42,6 +42,8 @@ def test_plugin_file_makes_show_and_run_work() -> None:
     proc = intune("--plugin", PLUGIN, "scenarios", "show", SCENARIO)
     assert proc.returncode == 0, proc.stderr
     assert "transform   amdahl" in proc.stdout and "oracle: 165,000 samples/s" in proc.stdout
+    # what the table has no column for is listed under it
+    assert "  shuffle: state_mib 500\n  transform: serial_fraction=0.1\n" in proc.stdout
     proc = intune("--plugin", PLUGIN, "run", "--scenario", SCENARIO, "--agent", "even",
                   "--duration-s", "20", "--every", "5")
     assert proc.returncode == 0, proc.stderr
@@ -190,3 +192,15 @@ def test_lambda_agent_in_a_parallel_compare_says_what_helps(tmp_path: Path) -> N
                   "--out", str(tmp_path / "o"), "--no-progress", "--no-plots")
     assert proc.returncode == 1
     assert "make it a top-level function or use --jobs 1" in proc.stderr.splitlines()[-1]
+
+
+def test_workers_get_plugin_files_by_absolute_path() -> None:
+    # A Ray worker may run in another directory: a relative path typed in the parent
+    # must reach it absolute (and a file given twice, as typed two ways, once).
+    code = (f"from agents.plugins import load_plugins, loaded_plugins\n"
+            f"load_plugins([{PLUGIN!r}, './{PLUGIN}', 'json'])\n"
+            f"print(loaded_plugins())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr([str(ROOT / PLUGIN), "json"])

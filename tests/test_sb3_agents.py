@@ -130,7 +130,7 @@ def test_hyperparams_file(tmp_path: Path) -> None:
 def test_a_bad_hyperparameter_file_is_one_line_naming_file_and_key(
         tmp_path: Path, line: str, fragment: str) -> None:
     path = tmp_path / "hp.yaml"
-    path.write_text(f"ppo:\n  n_timesteps: 64\n  n_envs: 1\n  {line}\n")
+    path.write_text(f"ppo:\n  n_timesteps: 64\n  {line}\n")
     with pytest.raises(ValueError) as err:
         load_hyperparams("ppo", path)
     msg = str(err.value)
@@ -141,8 +141,8 @@ def test_a_bad_hyperparameter_file_is_one_line_naming_file_and_key(
     ("ppo", "gamma: 5.0", "ppo.gamma: expected a number in (0, 1], got 5.0"),
     ("ppo", "gamma: 0", "ppo.gamma: expected a number in (0, 1]"),
     ("ppo", "learning_rate: -0.001", "ppo.learning_rate: expected a number > 0"),
-    ("ppo", "n_steps: 0", "ppo.n_steps: expected an integer >= 1, got 0"),
-    ("ppo", "batch_size: -3", "ppo.batch_size: expected an integer >= 1, got -3"),
+    ("ppo", "n_steps: 0", "ppo.n_steps: expected an integer from 1 to 1,048,576, got 0"),
+    ("ppo", "batch_size: -3", "ppo.batch_size: expected an integer from 1 to 65,536, got -3"),
     ("ppo", "n_epochs: 0", "ppo.n_epochs: expected an integer >= 1"),
     ("ppo", "ent_coef: -1", "ppo.ent_coef: expected a number >= 0, got -1"),
     ("ppo", "clip_range: 0", "ppo.clip_range: expected a number > 0, got 0"),
@@ -153,7 +153,8 @@ def test_a_bad_hyperparameter_file_is_one_line_naming_file_and_key(
     ("dqn", "tau: 2", "dqn.tau: expected a number in (0, 1], got 2"),
     ("dqn", "exploration_fraction: 1.5", "dqn.exploration_fraction: expected a number in [0, 1]"),
     ("dqn", "exploration_final_eps: -0.1", "dqn.exploration_final_eps: expected a number in"),
-    ("dqn", "buffer_size: 0", "dqn.buffer_size: expected an integer >= 1, got 0"),
+    ("dqn", "buffer_size: 0", "dqn.buffer_size: expected an integer from 1 to 1,000,000, "
+     "got 0"),
     ("dqn", "learning_starts: -1", "dqn.learning_starts: expected an integer >= 0"),
     ("dqn", "train_freq: 0", "dqn.train_freq: expected an integer >= 1 or [n,"),
     ("dqn", "train_freq: [4, hour]", "dqn.train_freq: expected an integer >= 1 or [n,"),
@@ -198,3 +199,127 @@ def test_hyperparameter_file_needs_a_budget(tmp_path: Path) -> None:
     path.write_text("ppo:\n  n_envs: 1\n")
     with pytest.raises(ValueError, match=r"ppo\.n_timesteps: required"):
         load_hyperparams("ppo", path)
+
+
+def _hp_file(tmp_path: Path, algo: str, body: str) -> Path:
+    path = tmp_path / "hp.yaml"
+    path.write_text(f"{algo}:\n  n_timesteps: 64\n  " + body.replace("\n", "\n  ") + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("algo", "line", "fragment"), [
+    # layer widths: integers 1..4096, at most 8 layers, a bounded number of weights
+    ("ppo", "policy_kwargs: {net_arch: [-5]}", "net_arch[0]: expected a layer width, an "
+                                               "integer from 1 to 4,096, got -5"),
+    ("ppo", "policy_kwargs: {net_arch: [0]}", "net_arch[0]: expected a layer width"),
+    ("ppo", "policy_kwargs: {net_arch: [64, 64.5]}", "net_arch[1]: expected a layer width"),
+    ("ppo", "policy_kwargs: {net_arch: [true, 64]}", "net_arch[0]: expected a layer width"),
+    ("ppo", "policy_kwargs: {net_arch: [100000000, 100000000]}", "got 100000000"),
+    ("ppo", "policy_kwargs: {net_arch: big}", "net_arch: expected a list of layer widths or "
+                                              "{pi: [...], vf: [...]}, got 'big'"),
+    ("ppo", "policy_kwargs: {net_arch: {pi: [-1], vf: [64]}}", "net_arch.pi[0]: expected a "
+                                                               "layer width"),
+    ("ppo", "policy_kwargs: {net_arch: {pi: [64], qf: [64]}}", "net_arch.qf: unknown key"),
+    ("a2c", "policy_kwargs: {net_arch: {pi: 64}}", "net_arch.pi: expected a list of layer"),
+    ("dqn", "policy_kwargs: {net_arch: {pi: [64], vf: [64]}}",
+     "dqn.policy_kwargs.net_arch: expected a list of layer widths, got"),
+    ("ppo", "policy_kwargs: {net_arch: [8, 8, 8, 8, 8, 8, 8, 8, 8]}", "at most 8 hidden layers"),
+    ("ppo", "policy_kwargs: {net_arch: [4096, 4096, 4096]}",
+     "net_arch: 33,554,432 weights between the hidden layers; expected at most 16,777,216"),
+    ("ppo", "policy_kwargs: {ortho_init: 5}", "policy_kwargs.ortho_init: expected true or false"),
+    ("maskable_ppo", "policy_kwargs: {log_std_init: 0.0}",
+     "policy_kwargs.log_std_init: not settable from a file for maskable_ppo"),
+    ("dqn", "policy_kwargs: {ortho_init: true}", "policy_kwargs.ortho_init: not settable"),
+    # every number finite, nested ones too
+    ("ppo", "policy_kwargs: {log_std_init: .nan}",
+     "ppo.policy_kwargs.log_std_init: expected a finite number, got nan"),
+    ("ppo", "policy_kwargs: {log_std_init: x}", "policy_kwargs.log_std_init: expected a number"),
+    # sizes SB3 allocates up front
+    ("ppo", "n_steps: 1000000000", "ppo.n_steps: expected an integer from 1 to 1,048,576"),
+    ("ppo", "n_envs: 4096\nn_steps: 512", "ppo.n_steps: n_steps * n_envs = 2,097,152"),
+    ("a2c", "n_envs: 4096\nn_steps: 300", "a2c.n_steps: n_steps * n_envs = 1,228,800"),
+    ("ppo", "batch_size: 1000000000", "ppo.batch_size: expected an integer from 1 to 65,536"),
+    ("dqn", "buffer_size: 100000000", "dqn.buffer_size: expected an integer from 1 to "
+                                      "1,000,000"),
+    ("dqn", "n_steps: 100\nbatch_size: 65536", "dqn.n_steps: n_steps * batch_size = 6,553,600"),
+    # normalize: a bool or VecNormalize's own settings, each checked
+    ("ppo", "normalize: {bogus: 1}", "ppo.normalize.bogus: unknown key; expected one of "
+                                     "norm_obs, norm_reward, clip_obs"),
+    ("ppo", "normalize: {training: false}", "ppo.normalize.training: unknown key"),
+    ("ppo", 'normalize: "true"', "ppo.normalize: expected true, false or a mapping"),
+    ("ppo", "normalize: [norm_obs]", "ppo.normalize: expected true, false or a mapping"),
+    ("ppo", "normalize: {norm_obs: true, clip_obs: -1, gamma: 5, epsilon: -1}",
+     "ppo.normalize.clip_obs: expected a number > 0, got -1"),
+    ("ppo", "normalize: {clip_reward: 0}", "ppo.normalize.clip_reward: expected a number > 0"),
+    ("ppo", "normalize: {gamma: 1}", "ppo.normalize.gamma: expected a number in [0, 1), got 1"),
+    ("ppo", "normalize: {epsilon: -1}", "ppo.normalize.epsilon: expected a number > 0"),
+    ("ppo", "normalize: {norm_reward: 1}", "ppo.normalize.norm_reward: expected true or false"),
+    ("ppo", "normalize: {clip_obs: '5'}", "ppo.normalize.clip_obs: expected a number > 0"),
+    ("ppo", "normalize: {clip_obs: .inf}", "ppo.normalize.clip_obs: expected a finite number"),
+    # SB3 would refuse these only once the envs are built, or never take them from data
+    ("ppo", "use_sde: true", "ppo.use_sde: expected false"),
+    ("dqn", "optimize_memory_usage: true", "dqn.optimize_memory_usage: expected false"),
+    ("ppo", "rollout_buffer_kwargs: {n_envs: 9}", "ppo.rollout_buffer_kwargs: not settable"),
+    ("dqn", "replay_buffer_class: HerReplayBuffer", "dqn.replay_buffer_class: not settable"),
+    # YAML 1.1 reads these as numbers nobody means, or overwrites a key silently
+    ("ppo", "n_steps: 64\nn_steps: 1000000000", "line 4: invalid YAML: duplicate key 'n_steps' "
+                                                "(first on line 3)"),
+    ("ppo", "n_epochs: 010", "010 is read as octal"),
+    ("ppo", "n_epochs: 1:30", "1:30 is read as base 60"),
+])
+def test_bad_nested_values_and_sizes_are_one_line_naming_file_and_key(
+        tmp_path: Path, algo: str, line: str, fragment: str) -> None:
+    path = _hp_file(tmp_path, algo, line)
+    with pytest.raises(HyperparamError) as err:
+        load_hyperparams(algo, path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and fragment in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(("algo", "line"), [
+    ("ppo", "policy_kwargs: {net_arch: [4096, 4096]}"),
+    ("ppo", "policy_kwargs: {net_arch: [1, 1, 1, 1, 1, 1, 1, 1]}"),
+    ("ppo", "policy_kwargs: {net_arch: []}"),
+    ("ppo", "policy_kwargs: {net_arch: {pi: [64, 64], vf: [128]}}"),
+    ("maskable_ppo", "policy_kwargs: {net_arch: {pi: [32]}, ortho_init: false}"),
+    ("a2c", "policy_kwargs: {net_arch: {vf: []}, log_std_init: -1.5}"),
+    ("dqn", "policy_kwargs: {net_arch: [256, 256], activation_fn: relu}"),
+    ("ppo", "n_envs: 16\nn_steps: 65536"),
+    ("dqn", "buffer_size: 1000000\nbatch_size: 65536"),
+    ("ppo", "normalize: true"), ("ppo", "normalize: false"), ("ppo", "normalize: null"),
+    ("ppo", "normalize: {norm_obs: true, norm_reward: false, clip_obs: 5.0, clip_reward: 1,"
+            " gamma: 0, epsilon: 1.0e-8}"),
+])
+def test_nested_values_and_sizes_at_the_edges_are_accepted(
+        tmp_path: Path, algo: str, line: str) -> None:
+    hp = load_hyperparams(algo, _hp_file(tmp_path, algo, line))
+    assert hp == {"n_timesteps": 64, **yaml.safe_load(line)}
+
+
+def test_exponent_only_numbers_are_plain_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 reads `3e-4` as the string '3e-4'; the scenario loader reads a number
+    path = _hp_file(tmp_path, "ppo", "learning_rate: 3e-4\ncompare_n_timesteps: 1e3\n"
+                                     "policy_kwargs: {log_std_init: -5e-1}\n"
+                                     "normalize: {epsilon: 1e-8}")
+    hp = load_hyperparams("ppo", path)
+    assert type(hp["learning_rate"]) is float and hp["learning_rate"] == 3e-4
+    # a whole number written without a decimal point is a count, as in scenario files
+    assert type(hp["compare_n_timesteps"]) is int and hp["compare_n_timesteps"] == 1000
+    assert type(hp["policy_kwargs"]["log_std_init"]) is float
+    assert type(hp["normalize"]["epsilon"]) is float
+    with pytest.raises(HyperparamError, match=r"ppo\.n_timesteps: expected an integer from 1 "
+                                              r"to 1,000,000,000, got 500\.0"):
+        path.write_text("ppo:\n  n_timesteps: 5.0e2\n")  # a decimal point: not a count
+        load_hyperparams("ppo", path)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"policy_kwargs": {"net_arch": [0]}}, {"normalize": {"bogus": 1}},
+    {"n_steps": 10**9}, {"policy_kwargs": {"log_std_init": float("nan")}}])
+def test_overrides_get_the_file_checks_before_training(
+        tmp_path: Path, overrides: dict[str, object]) -> None:
+    with pytest.raises(HyperparamError) as err:
+        train_sb3("ppo", "machine-resize", tmp_path / "m", n_timesteps=64, overrides=overrides)
+    msg = str(err.value)
+    assert "(with overrides): ppo." in msg and "\n" not in msg, msg
+    assert not any(tmp_path.iterdir())

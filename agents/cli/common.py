@@ -90,12 +90,20 @@ def load_scenario_or_fail(spec: str) -> Scenario:
 
 
 def warn_late_events(sc: Scenario, duration_s: float) -> None:
-    """One stderr line per scenario whose events fall at or after the episode's end."""
-    late = [ev.at_s for ev in sc.events if ev.at_s >= duration_s]
+    """One stderr line per scenario whose events come after the episode's last interval.
+
+    An event applies from the first interval that starts at or after its ``at_s``; the
+    last of the ``n`` steps starts at ``n * dt`` (the reset measured the interval before
+    the first), so an event at exactly that time still happens, in the last step."""
+    from agents.base import episode_steps
+
+    dt = sc.control_interval_s
+    last = episode_steps(duration_s, dt) * dt
+    late = [ev.at_s for ev in sc.events if ev.at_s > last]
     if late:
         when = ", ".join(f"{t:g} s" for t in late[:5]) + (" ..." if len(late) > 5 else "")
-        warn(f"scenario {echo(sc.name)}: {len(late)} event(s) at {when}, at or after the "
-             f"episode's end ({duration_s:g} s); they never happen")
+        warn(f"scenario {echo(sc.name)}: {len(late)} event(s) at {when}, after the start "
+             f"of the episode's last interval ({last:g} s); they never happen")
 
 
 def check_agent(name: str) -> str:
@@ -126,6 +134,24 @@ def check_model(agent_name: str, model_path: Path | None) -> None:
         fail(f"--model {show_path(model_path)}: no such file")
     if model_path.is_dir():
         fail(f"--model {show_path(model_path)}: is a folder; expected a model file")
+
+
+class OutPath(click.Path):
+    """The ``--out`` type of every command: a path, refused when empty (``Path("")`` is
+    the current folder, so ``--out ''`` from an unset variable wrote every output there)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("empty path; expected a folder ('.' for the current one)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+#: ``type=OUT_PATH`` for ``--out`` options.
+OUT_PATH = OutPath()
 
 
 def writable_dir(path: Path, what: str = "--out") -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from agents.cli.common import (
+    OUT_PATH,
     USER_ERRORS,
     at_least,
     fail,
@@ -39,7 +40,7 @@ def _warn_late(scenarios: str, duration_s: float) -> None:
               help="comma-separated agent names (`intune agents` lists them)")
 @click.option("--seeds", type=int, default=5, show_default=True,
               help="number of seeds (0..N-1)")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_dir", required=True, type=OUT_PATH,
               help="output folder; rerunning with the same folder resumes the grid")
 @click.option("--duration-s", type=float, default=1200.0, show_default=True,
               help="simulated seconds per evaluation episode")

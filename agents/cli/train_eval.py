@@ -11,6 +11,7 @@ import click
 
 from agents import registry
 from agents.cli.common import (
+    OUT_PATH,
     SEED,
     USER_ERRORS,
     at_least,
@@ -28,6 +29,9 @@ from agents.cli.common import (
 
 #: Online training budget of ``intune train --agent qlearning*`` when --steps is not given.
 QLEARNING_DEFAULT_STEPS = 30_000
+#: Most training steps one `intune train` takes (days of training at the SB3 agents' few
+#: thousand steps/s; 10**13 was accepted and would have run for years).
+MAX_TRAIN_STEPS = 10**8
 
 
 @click.command("train")
@@ -40,7 +44,7 @@ QLEARNING_DEFAULT_STEPS = 30_000
                    f"{QLEARNING_DEFAULT_STEPS:,} for qlearning); SB3 trains whole "
                    "rollouts, so PPO and A2C may train a few more")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_path", required=True, type=OUT_PATH,
               help="folder for the trained model")
 @click.option("--tensorboard", is_flag=True, help="SB3: write TensorBoard logs to OUT/tb")
 @click.option("--hyperparams", type=click.Path(path_type=Path), default=None,
@@ -54,6 +58,8 @@ def train(agent_name: str, scenario: str, steps: int | None, seed: int, out_path
         fail(f"agent {agent_name!r} does not learn; trainable agents: "
              f"{', '.join(registry.TRAINABLE)}")
     at_least(steps, 1, "--steps")
+    if steps is not None and steps > MAX_TRAIN_STEPS:
+        fail(f"--steps: at most {MAX_TRAIN_STEPS:,}, got {steps:,}")
     sc = load_scenario_or_fail(scenario)
     sb3 = agent_name in registry.SB3_AGENTS
     if sb3:  # the hyperparameter file is checked before OUT is made
@@ -157,10 +163,12 @@ def _train_qlearning(agent_name: str, sc: Any, steps: int, seed: int, model_file
 def eval_cmd(agent_name: str, model_path: Path | None, trust_model: bool, scenario: str,
              episodes: int, seed: int, duration_s: float) -> None:
     """Evaluate an agent: one episode per seed, fraction of the oracle and OOMs."""
-    from agents.compare import RunSpec, execute_run
+    from agents.compare import MAX_SEEDS, RunSpec, execute_run
 
     check_agent(agent_name)
     at_least(episodes, 1, "--episodes")
+    if episodes > MAX_SEEDS:  # one episode per seed, bounded as a compare grid's seeds
+        fail(f"--episodes: at most {MAX_SEEDS:,} (one per seed), got {episodes:,}")
     if seed + episodes - 1 > 2**63 - 1:  # (the range of SEED)
         fail(f"--seed {seed} with --episodes {episodes}: episode seeds run to "
              f"{seed + episodes - 1}; expected at most 2**63-1")

@@ -57,7 +57,7 @@ from agents.compare.grid import (
     run_key,
 )
 from agents.compare.metrics import bootstrap_ci, episode_metrics, iqm, summarise
-from agents.compare.plots import make_plots
+from agents.compare.plots import make_plots, plot_files
 from agents.compare.report import run_row, write_runs_csv, write_summary
 from agents.compare.run import execute_run
 from simulators import ScenarioError
@@ -116,6 +116,8 @@ def run_compare(scenarios: str | Sequence[str], agents: str | Sequence[str],
     """
     import math
 
+    if isinstance(out, str) and not out:  # Path("") is the current folder
+        raise CompareError("--out: empty path; expected a folder ('.' for the current one)")
     out = Path(out)
     agent_list = parse_list(agents)
     if not agent_list:
@@ -155,7 +157,7 @@ def run_compare(scenarios: str | Sequence[str], agents: str | Sequence[str],
     # planned before OUT is made: a bad hyperparameter or model file leaves no folder
     specs = plan_grid(sc, agent_list, seed_list, out, duration_s, mdir, sb3_steps, hp,
                       trust_model)
-    check_out_dir(out)
+    check_out_dir(out, specs, plot_files(list(sc)) if plots else None)
     with locked(out):
         return _run_grid(specs, out, list(sc), agent_list, jobs, executor, address,
                          progress, plots, say)

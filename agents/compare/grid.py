@@ -25,6 +25,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from agents import registry
+from agents.base import episode_steps
+from agents.compare.metrics import episode_metrics
 from agents.plugins import plugins_digest
 from agents.sb3_files import echo_path
 from simulators import builtin_scenarios, load_scenario
@@ -47,6 +50,7 @@ from simulators.fileio import (
     refuse_folders,
 )
 from simulators.generate import expand_suite
+from simulators.scenario import MAX_CPUS
 
 #: Version of the run-file layout; part of every fingerprint.
 RUN_FORMAT = 2
@@ -160,19 +164,80 @@ def source_digest(parts: tuple[str, ...] = RUN_SOURCE, root: Path | None = None)
 
 
 def _model_digest(zpath: Path) -> str:
-    """Digest of a given model: the zip and the sidecars next to it. The zip is checked
-    first (readable, an SB3 archive, sizes within bounds), so a bad file given with
-    ``--models`` is the user's fault found before any run, not a failed run."""
-    from agents.sb3_files import ModelFileError, model_paths, read_model_zip
+    """Digest of a given model: the zip and the sidecars next to it (checked first, see
+    :func:`_check_model`)."""
+    from agents.sb3_files import model_paths
 
-    try:
-        read_model_zip(zpath)
-    except ModelFileError as err:
-        raise CompareError(f"--models: {err}") from None
     parts = []
     for p in model_paths(zpath):
         parts.append(_file_digest(p) if p.exists() else "-")
     return ":".join(parts)
+
+
+class _Layout:
+    """The observation and action spaces of an env of ``scenario``: what
+    ``check_model_fits`` reads of an env, without building a simulator."""
+
+    def __init__(self, scenario: Any) -> None:
+        from intune_env import common
+
+        n = len(scenario.stages)
+        self.scenario = scenario
+        self.observation_space = common.observation_space(n)
+        self.action_space = common.action_space(n)
+        self.unwrapped = self
+
+
+def _check_model(zpath: Path, agent: str, scenario: dict[str, Any], trust_model: bool) -> None:
+    """Check a model given with ``--models`` for ``agent`` on ``scenario`` as loading it
+    for a run does (``SB3Agent.load``: sidecar, algorithm, zip, layout, unpickled
+    entries, observation statistics), so a bad file is the user's fault found before any
+    run and before ``--out`` exists, not a run refused after the grid. The policy itself
+    is not built: torch work here would start OpenMP threads in this process, which then
+    forks the workers."""
+    from agents.sb3_agents import ALGOS, canonical_algo, check_model_fits
+    from agents.sb3_files import (
+        LEGACY_STATS_SUFFIX,
+        ModelFileError,
+        load_obs_stats,
+        model_paths,
+        read_json_file,
+        read_model_zip,
+        safe_custom_objects,
+    )
+
+    try:
+        zpath, spath, mpath = model_paths(zpath)
+        where = echo_path(zpath)
+        meta: Any = read_json_file(mpath, "model sidecar") if mpath.exists() else {}
+        if not isinstance(meta, dict):
+            raise ModelFileError(f"{echo_path(mpath)}: model sidecar must be a JSON object, "
+                                 f"got {type(meta).__name__}")
+        saved = meta.get("algo")
+        if saved is not None and not isinstance(saved, str):
+            raise ModelFileError(f"{echo_path(mpath)}: field 'algo' must be a string")
+        algo = registry.SB3_AGENTS[agent]
+        try:
+            if saved is not None and canonical_algo(saved) != canonical_algo(algo):
+                raise ModelFileError(f"{where}: model was trained with {echo(saved)}, not "
+                                     f"{echo(algo)}")
+        except ValueError as err:  # an unknown algorithm name in the sidecar
+            if isinstance(err, ModelFileError):
+                raise
+            raise ModelFileError(f"{echo_path(mpath)}: {err}") from None
+        _, data = read_model_zip(zpath)
+        env = _Layout(load_scenario(scenario))
+        check_model_fits(where, meta, data, env)  # type: ignore[arg-type]
+        if not trust_model:
+            safe_custom_objects(data, ALGOS[canonical_algo(algo)],
+                                (env.observation_space, env.action_space), where)
+        legacy = Path(f"{zpath.with_suffix('')}{LEGACY_STATS_SUFFIX}")
+        normalized = meta.get("normalized")
+        if normalized or (normalized is None and (spath.exists() or legacy.exists())):
+            load_obs_stats(spath, legacy, trust_model,
+                           int(env.observation_space.shape[0]))
+    except ModelFileError as err:
+        raise CompareError(f"--models: {err}") from None
 
 
 def parse_list(text: str | Sequence[str]) -> list[str]:
@@ -239,6 +304,7 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
     specs: list[RunSpec] = []
     budgets: dict[str, int] = {}
     hparams: dict[str, dict[str, Any]] = {}
+    checked: set[tuple[str, str]] = set()
     version = package_version()
     code = source_digest()
     for agent in agents:
@@ -275,6 +341,9 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
                         agent_id = {**agent_id, "train_steps": budget,
                                     "hyperparams": hparams[agent]}
                     else:
+                        if (model, sc_name) not in checked:  # seeds may share a model
+                            _check_model(Path(model), agent, data, trust_model)
+                            checked.add((model, sc_name))
                         agent_id = {**agent_id, "model": _model_digest(Path(model))}
                 payload = {"format": RUN_FORMAT, "version": version, "code": code,
                            "scenario": data,
@@ -292,6 +361,19 @@ def plan_grid(scenarios: dict[str, dict[str, Any]], agents: Sequence[str], seeds
 # --- run files ------------------------------------------------------------------------
 def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: Relative slack on values a run file must reproduce (its float arithmetic is exact
+#: after a JSON round trip; this only keeps a platform's last bit from causing a rerun).
+_REL = 1e-9
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=_REL, abs_tol=1e-12)
 
 
 def validate_run(res: Any, spec: RunSpec) -> str | None:
@@ -315,16 +397,46 @@ def validate_run(res: Any, spec: RunSpec) -> str | None:
     for k in (*_NUMERIC, "steps", "invalid_actions", "control_interval_s"):
         if not _is_num(res.get(k)):
             return f"field {k!r} missing or not a finite number"
+    # The interval and the duration size every array and loop of the reports (the
+    # plots' steps are duration / interval): only the value this run is computed with
+    # now is reused (0 divided by zero; 1e-6 allocated all memory).
+    dt = float(spec.scenario_data["control_interval_s"])
+    if res["control_interval_s"] != dt:
+        return f"field 'control_interval_s' is {_short(res['control_interval_s'])}, " \
+               f"expected {dt:g} (the scenario's)"
+    n_steps = episode_steps(spec.duration_s, dt)
     if res.get("oom") not in (0, 1) or type(res.get("oom")) is bool:
         return "field 'oom' must be 0 or 1"
-    # (no upper bound: buffers drained after a rate drop beat the oracle of the new rate)
-    if res["final_fraction"] < 0 or res["mean_fraction"] < 0:
-        return "fields 'final_fraction', 'mean_fraction' must be >= 0"
+    steps = res["steps"]
+    # an episode runs its planned steps; only running out of memory ends one early
+    if not (_is_int(steps) and 1 <= steps <= n_steps and (res["oom"] or steps == n_steps)):
+        return f"field 'steps' is {_short(steps)}, expected " + (
+            f"an integer from 1 to {n_steps}" if res["oom"] else f"{n_steps} (no OOM)")
+    if not (_is_int(res["invalid_actions"]) and 0 <= res["invalid_actions"] <= steps):
+        return f"field 'invalid_actions' must be an integer from 0 to {steps}"
+    # The GPU consumes at most gpu_rate samples/s (no event changes it): no throughput,
+    # the oracle's included, can exceed it.
+    top = float(spec.scenario_data["machine"]["gpu_rate"]) * (1 + _REL)
+    for k in ("final_throughput", "mean_throughput"):
+        if not 0 <= res[k] <= top:
+            return f"field {k!r} is {_short(res[k])}, expected 0 to the scenario's " \
+                   f"gpu_rate ({top:g})"
+    # (fractions have no fixed upper bound: buffers drained after a rate drop beat the
+    # oracle of the new rate many times over; they are checked against the trace below)
+    for k in ("final_fraction", "mean_fraction", "mean_memory_fraction", "wall_s",
+              "train_wall_s"):
+        if res[k] < 0:
+            return f"field {k!r} is {_short(res[k])}, expected >= 0"
     t90 = res.get("time_to_90_s")
     if t90 is not None and not _is_num(t90):
         return "field 'time_to_90_s' must be a number or null"
-    why = _trace_fault(res.get("trace"), res["steps"])
-    return f"field 'trace' {why}" if why else None
+    names = [s["name"] for s in spec.scenario_data["stages"]]
+    # (a reset runs one interval before the first action: the last step ends there)
+    end_s = (n_steps + 1) * dt * (1 + _REL)
+    why = _trace_fault(res.get("trace"), steps, names, top, end_s)
+    if why:
+        return f"field 'trace' {why}"
+    return _metrics_fault(res, n_steps, dt)
 
 
 def _short(v: Any) -> str:
@@ -332,29 +444,60 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _trace_fault(trace: Any, steps: Any) -> str | None:
-    """What is wrong with a run file's ``trace`` (``steps`` entries per series), or None."""
+def _trace_fault(trace: Any, steps: int, names: list[str], top: float,
+                 end_s: float) -> str | None:
+    """What is wrong with a run file's ``trace`` (``steps`` entries per series, the
+    scenario's stage ``names``, throughputs up to ``top``, times up to ``end_s``), or
+    None."""
     if not isinstance(trace, dict):
         return "missing or not an object"
-    names = trace.get("stage_names")
-    if not (isinstance(names, list) and names and all(isinstance(x, str) for x in names)):
-        return "'stage_names' must be a non-empty list of names"
+    if trace.get("stage_names") != names:
+        return f"'stage_names' must be the scenario's stages ({', '.join(names)})"
     for k in ("time_s", "fraction", "throughput", "oracle_throughput", "memory_fraction",
               "allocation", "cpus_total", "oracle_allocation"):
         series = trace.get(k)
         if not isinstance(series, list) or len(series) != steps:
             return f"{k!r} must be a list of {steps} entries (one per step)"
-    for k in ("time_s", "throughput", "memory_fraction", "cpus_total"):
-        if not all(_is_num(x) for x in trace[k]):
-            return f"{k!r} must hold finite numbers"
-    for k in ("fraction", "oracle_throughput"):  # null: no oracle reference that step
-        if not all(x is None or _is_num(x) for x in trace[k]):
-            return f"{k!r} must hold finite numbers or null"
+    for k in ("time_s", "throughput", "memory_fraction"):
+        if not all(_is_num(x) and x >= 0 for x in trace[k]):
+            return f"{k!r} must hold finite numbers >= 0"
+    t = trace["time_s"]
+    if any(b <= a for a, b in itertools.pairwise(t)) or t[-1] > end_s:
+        return f"'time_s' must increase step by step, up to the episode's end ({end_s:g} s)"
+    thr, orc = trace["throughput"], trace["oracle_throughput"]
+    if max(thr) > top:
+        return f"'throughput' must be at most the scenario's gpu_rate ({top:g})"
+    if not all(x is None or (_is_num(x) and 0 <= x <= top) for x in orc):
+        return f"'oracle_throughput' must hold numbers from 0 to the scenario's gpu_rate " \
+               f"({top:g}) or null"
+    # each fraction is that step's throughput over the oracle's (null: no oracle)
+    for i, (f, x, o) in enumerate(zip(trace["fraction"], thr, orc, strict=True)):
+        if (f is not None or (o is not None and o > 0)) and not (
+                o is not None and o > 0 and _is_num(f) and _close(f, x / o)):
+            return f"'fraction' at step {i} must be 'throughput' / 'oracle_throughput' " \
+                   f"of that step"
+    if not all(_is_int(x) and 1 <= x <= MAX_CPUS for x in trace["cpus_total"]):
+        return f"'cpus_total' must hold CPU counts from 1 to {MAX_CPUS}"
     for k in ("allocation", "oracle_allocation"):
         if not all(isinstance(a, list) and len(a) == len(names)
-                   and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
-                           for c in a) for a in trace[k]):
-            return f"{k!r} must hold one CPU count per stage ({len(names)}) per step"
+                   and all(_is_int(c) and 0 <= c <= MAX_CPUS for c in a) for a in trace[k]):
+            return f"{k!r} must hold one CPU count (0 to {MAX_CPUS}) per stage " \
+                   f"({len(names)}) per step"
+    return None
+
+
+def _metrics_fault(res: dict[str, Any], n_steps: int, dt: float) -> str | None:
+    """Which metric of ``res`` is not what its (checked) trace gives, or None."""
+    tr = res["trace"]
+    frac = [math.nan if x is None else x for x in tr["fraction"]]
+    want = episode_metrics(tr["time_s"], frac, tr["memory_fraction"], tr["throughput"],
+                           bool(res["oom"]), n_steps, dt)
+    for k, v in want.items():
+        got = res.get(k)
+        same = got is None if v is None else _is_num(got) and _close(got, v)
+        if not same:
+            shown = "null" if v is None else f"{v:.6g}"
+            return f"field {k!r} is {_short(got)}, but its trace gives {shown}"
     return None
 
 
@@ -373,13 +516,31 @@ def read_run(path: Path, spec: RunSpec) -> tuple[dict[str, Any] | None, str]:
 
 
 # --- the output folder ----------------------------------------------------------------
-def check_out_dir(out: Path) -> None:
-    """Create ``out`` and ``out/runs``; one line if it is a file or not writable."""
+def check_out_dir(out: Path, specs: Sequence[RunSpec] = (),
+                  plot_files: Sequence[str] | None = None) -> None:
+    """Create ``out`` and ``out/runs``; one line if it is a file, not writable, or holds
+    something else where compare writes later (a file where a folder goes, a folder
+    where a file goes): the reports and plots are written after every run, so that
+    would fail only once the grid is done. ``specs``: the runs (their result files and
+    SB3 models); ``plot_files``: names under ``out/plots`` (``None``: no plots)."""
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {echo_path(out)}: is a file; expected a folder (it is "
                            f"created if missing)")
-    try:  # the reports are written after every run: refuse a folder in their place now
-        refuse_folders([out / name for name in ("runs.csv", "summary.md", "summary.json")])
+    folders = {out / "runs": "run results"}
+    if plot_files is not None:
+        folders[out / "plots"] = "plots"
+    if any(s.train_steps is not None for s in specs):
+        folders[out / "models"] = "trained SB3 models"
+    for path, what in folders.items():
+        if path.exists() and not path.is_dir():
+            raise CompareError(f"--out {echo_path(out)}: {echo_path(path)} is a file; "
+                               f"expected a folder (compare writes its {what} there)")
+    files = [out / name for name in ("runs.csv", "summary.md", "summary.json",
+                                     ".compare.lock")]
+    files += [out / "runs" / f"{s.key}.json" for s in specs]
+    files += [out / "plots" / name for name in plot_files or ()]
+    try:
+        refuse_folders(files)
     except IsADirectoryError as err:
         raise CompareError(f"--out {echo_path(out)}: {echo_path(err.filename)} is a folder; "
                            f"expected a file (compare writes it)") from None

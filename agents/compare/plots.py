@@ -152,6 +152,12 @@ def _summary(plt: Any, summary: list[dict[str, Any]], scenarios: Sequence[str],
     plt.close(fig)
 
 
+def plot_files(scenarios: Sequence[str]) -> list[str]:
+    """Names of the PNGs :func:`make_plots` may write for ``scenarios`` (checked up front)."""
+    return [f"{kind}_{_safe(sc)}.png" for sc in scenarios
+            for kind in ("learning", "allocation")] + ["summary.png"]
+
+
 def make_plots(plot_dir: Path, traces: dict[tuple[str, str, int], dict[str, Any]],
                summary: list[dict[str, Any]], scenarios: Sequence[str],
                agents: Sequence[str]) -> list[Path]:

@@ -21,6 +21,12 @@ from intune_env.cli import fail as _fail
 STAGES = ("read", "batch", "shuffle", "transform", "gpu_load")
 N_STAGES = len(STAGES)
 _DEFAULT_MAX = "16,4,4,4,4"
+#: Largest worker budget or pool: the calibrated scenario's machine holds at most this many
+#: CPUs (``simulators.scenario.MAX_CPUS``), so a larger one fails only after the measuring.
+MAX_LIVE_CPUS = 1024
+#: Largest batch: a Parquet shard holds 64 batches, ~280 MB at this size (one shard is
+#: generated and read at a time; 1e11 asked numpy for 46.6 TiB).
+MAX_BATCH_SIZE = 16384
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -29,8 +35,9 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     except ValueError:
         _fail(f"{what}: expected {N_STAGES} comma-separated integers ({', '.join(STAGES)}), "
               f"got {text!r}")
-    if len(vals) != N_STAGES or any(v < 1 for v in vals):
-        _fail(f"{what}: expected {N_STAGES} integers >= 1 ({', '.join(STAGES)}), got {text!r}")
+    if len(vals) != N_STAGES or any(not 1 <= v <= MAX_LIVE_CPUS for v in vals):
+        _fail(f"{what}: expected {N_STAGES} integers in 1..{MAX_LIVE_CPUS} "
+              f"({', '.join(STAGES)}), got {text!r}")
     return vals
 
 
@@ -56,12 +63,13 @@ def _setup(read_latency_ms: float, gpu_rate: float, cpus: int, max_workers: str,
         _fail(f"--read-latency-ms must be finite and >= 0, got {read_latency_ms}")
     if not 0 < gpu_rate < math.inf:
         _fail(f"--gpu-rate must be finite and > 0, got {gpu_rate}")
-    if cpus < N_STAGES:
-        _fail(f"--cpus must be >= {N_STAGES} (one worker per stage), got {cpus}")
+    if not N_STAGES <= cpus <= MAX_LIVE_CPUS:
+        _fail(f"--cpus must be in {N_STAGES}..{MAX_LIVE_CPUS} (one worker per stage, at most "
+              f"a scenario's CPUs), got {cpus}")
     if not 0 < memory_budget_mib < math.inf:
         _fail(f"--memory-budget-mib must be finite and > 0, got {memory_budget_mib}")
-    if batch_size < 1:
-        _fail(f"--batch-size must be >= 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        _fail(f"--batch-size must be in 1..{MAX_BATCH_SIZE}, got {batch_size}")
     if transform_rounds < 0:
         _fail(f"--transform-rounds must be >= 0, got {transform_rounds}")
     return LiveSetup(read_latency_ms=read_latency_ms, gpu_rate=gpu_rate, cpus=cpus,
@@ -85,7 +93,8 @@ def _common(f: Any) -> Any:
         click.option("--batch-size", type=int, default=512, show_default=True),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Where the Parquet shards are generated once."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0,
+                     show_default=True),
         click.option("--warmup-s", type=float, default=None,
                      help="Seconds to settle after each change."),
         click.option("--measure-s", type=float, default=None,
