@@ -88,6 +88,12 @@ def apply(env: gym.Env, choice: int | Allocation) -> int:
     return int(choice)
 
 
+#: Most training steps one training run takes (`intune train --steps`, an SB3 file's
+#: ``n_timesteps``): days at the SB3 agents' few thousand steps/s (10**13 was accepted
+#: and would have run for years).
+MAX_TRAIN_STEPS = 10**8
+
+
 def episode_steps(duration_s: float, dt: float) -> int:
     """Control steps of an episode of ``duration_s`` simulated seconds at interval ``dt``
     (at least one): what ``intune run``, ``eval`` and ``compare`` run, and bound."""

@@ -112,7 +112,8 @@ def _matrix(path: Path, data: dict[str, Any], key: str, integer: bool) -> np.nda
                           f"state) of {N_ACTIONS} numbers")
     for i, r in enumerate(rows):
         if not isinstance(r, list) or len(r) != N_ACTIONS:
-            what = f"{len(r)} values" if isinstance(r, list) else f"a {type(r).__name__}"
+            what = (f"{len(r)} value{'' if len(r) == 1 else 's'}" if isinstance(r, list)
+                    else f"not a list ({type(r).__name__})")
             raise _fail(path, f"{key}[{i}] is {what}, expected {N_ACTIONS} numbers (one per "
                               f"action)")
     for i, row in enumerate(rows):

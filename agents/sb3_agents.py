@@ -63,7 +63,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, VecNormalize
 
 import intune_env  # noqa: F401  (registers InTune-v0)
-from agents.base import Agent
+from agents.base import MAX_TRAIN_STEPS, Agent
 from agents.sb3_files import (
     LEGACY_STATS_SUFFIX,
     SIDECAR_VERSION,
@@ -149,7 +149,8 @@ def plain_numbers(value: Any) -> Any:
         return [plain_numbers(v) for v in value]
     if isinstance(value, ExponentFloat):
         number = float(value)
-        whole = math.isfinite(number) and number.is_integer() and "." not in value.text
+        whole = (math.isfinite(number) and number.is_integer() and "." not in value.text
+                 and "-" not in value.text.lstrip("+-"))
         return int(number) if whole else number
     return value
 
@@ -435,7 +436,8 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
     check_ranges(hp, where)
     if "n_timesteps" not in hp:
         raise HyperparamError(f"{where}.n_timesteps: required (the training budget in env steps)")
-    for key, lo, hi in (("n_timesteps", 1, 10**9), ("compare_n_timesteps", 1, 10**9),
+    for key, lo, hi in (("n_timesteps", 1, MAX_TRAIN_STEPS),
+                        ("compare_n_timesteps", 1, MAX_TRAIN_STEPS),
                         ("n_envs", 1, MAX_N_ENVS), ("n_evaluations", 1, 10**4),
                         ("n_eval_episodes", 1, 10**4)):
         v = hp.get(key, lo)
@@ -446,7 +448,9 @@ def check_hyperparams(algo: str, hp: dict[str, Any], where: str) -> None:
         raise HyperparamError(f"{where}.policy: expected MlpPolicy (observations are one "
                               f"vector), got {echo(repr(hp['policy']))}")
     # sizes SB3 allocates from two keys at once; absent keys count as SB3's defaults
-    size = {k: hp.get(k, params[k].default) for k in ("n_steps", "batch_size") if k in params}
+    # (DQN takes n_steps only from stable-baselines3 2.7 on: 1-step returns before it)
+    size = {k: hp.get(k, params[k].default) if k in params else 1
+            for k in ("n_steps", "batch_size")}
     if algo != "dqn" and size["n_steps"] * hp.get("n_envs", 1) > MAX_ROLLOUT:
         raise HyperparamError(f"{where}.n_steps: n_steps * n_envs = "
                               f"{size['n_steps'] * hp.get('n_envs', 1):,} transitions a "
@@ -641,9 +645,11 @@ def _policy_kwargs(raw: Any) -> dict[str, Any] | None:
 
 
 def _normalize_kwargs(raw: Any) -> dict[str, Any] | None:
+    """``VecNormalize`` arguments of ``normalize``: ``true`` and a mapping (``{}`` too,
+    SB3's defaults) normalise; ``false`` and ``null`` do not."""
     if raw is True:
         return {"norm_obs": True, "norm_reward": True}
-    if not raw:
+    if raw is None or raw is False:
         return None
     return dict(raw)
 

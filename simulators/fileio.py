@@ -31,9 +31,11 @@ MAX_TEXT_BYTES = 1 << 20
 #: Characters of user input echoed in an error message.
 ECHO_CHARS = 80
 
-# C0/C1 controls (ANSI escapes, NUL) and the bidirectional overrides and isolates, which
-# reorder the text printed after them (U+202E shows "txt.exe" as "exe.txt")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0/C1 controls (ANSI escapes, NUL), the bidirectional marks, overrides and isolates,
+# which reorder the text printed after them (U+202E shows "txt.exe" as "exe.txt"), and the
+# line and paragraph separators, which would break a one-line message
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e"
+                      "\u2066-\u2069]")
 
 
 class InputFileError(ValueError):

@@ -147,6 +147,13 @@ class StrictModel(BaseModel):
         # since a YAML `yes` or a quoted number is a mistake, not a value
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(v, ExponentFloat):
+            if field is not None and _is_integer(field.annotation):
+                # a count written with an exponent: `1e5` is one, `8.0e0` and `80e-1`
+                # are not (the rule `8.0` follows, and the SB3 files' plain_numbers)
+                if "." in v.text or "-" in v.text.lstrip("+-") or not v.is_integer():
+                    raise ValueError("expected a valid integer, written without a decimal "
+                                     "point or a negative exponent")
+                return int(v)
             return v if field is None or _is_numeric(field.annotation) else v.text
         if field is not None and _is_numeric(field.annotation) and isinstance(v, bool | str):
             kind = "integer" if int in (typing.get_args(field.annotation) or

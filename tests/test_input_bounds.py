@@ -454,8 +454,24 @@ def test_whole_floats_in_integer_fields_refused() -> None:
         load_scenario(data)
     data = small_scenario()
     data["machine"]["memory_gib"] = int(data["machine"]["memory_gib"]) + 1  # int for float
-    data["stages"][0]["buffer"] = 0x10
     load_scenario(data)
+
+
+@pytest.mark.parametrize(("text", "ok"), [("8.0e0", False), ("80e-1", False),
+                                          ("4.8e1", False), ("8e0", True), ("0x8", True)])
+def test_integer_fields_in_yaml_take_whole_numbers_only(tmp_path: Path, text: str,
+                                                         ok: bool) -> None:
+    # an exponent with a decimal point or a negative exponent is not a count (8.0e0 got
+    # past the float check as an exponent number); 8e0 and hex 0x8 are
+    data = small_scenario()
+    data["machine"]["cpus"] = "CPUS"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data).replace("CPUS", text).replace("'", ""))
+    if ok:
+        sc = load_scenario(path)
+        assert sc.machine.cpus == 8 and type(sc.machine.cpus) is int
+    else:
+        _one_line(path, "machine.cpus: expected a valid integer")
 
 
 def test_show_escapes_controls_and_bidi_overrides(tmp_path: Path) -> None:
@@ -471,3 +487,11 @@ def test_show_escapes_controls_and_bidi_overrides(tmp_path: Path) -> None:
     first = out.stdout.splitlines()[0]
     assert "x\\u202eevil\\x00nul" in first and "\u202e" not in first and "\x00" not in first
     assert first.rstrip().endswith("long")  # the whole description, not cut at 80 characters
+
+
+def test_echo_escapes_line_separators_and_bidi_marks() -> None:
+    # str.splitlines() splits on U+2028/U+2029: a "one line" message would become two
+    from simulators.fileio import echo
+
+    text = echo("a\u2028b\u2029c\u061cd\u202ee")
+    assert text == "a\\u2028b\\u2029c\\u061cd\\u202ee" and len(text.splitlines()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -308,7 +309,7 @@ def test_exponent_only_numbers_are_plain_numbers(tmp_path: Path) -> None:
     assert type(hp["policy_kwargs"]["log_std_init"]) is float
     assert type(hp["normalize"]["epsilon"]) is float
     with pytest.raises(HyperparamError, match=r"ppo\.n_timesteps: expected an integer from 1 "
-                                              r"to 1,000,000,000, got 500\.0"):
+                                              r"to 100,000,000, got 500\.0"):
         path.write_text("ppo:\n  n_timesteps: 5.0e2\n")  # a decimal point: not a count
         load_hyperparams("ppo", path)
 
@@ -323,3 +324,23 @@ def test_overrides_get_the_file_checks_before_training(
     msg = str(err.value)
     assert "(with overrides): ppo." in msg and "\n" not in msg, msg
     assert not any(tmp_path.iterdir())
+
+
+def test_dqn_without_n_steps_in_older_sb3_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DQN takes n_steps from stable-baselines3 2.7 on; pyproject allows >= 2.3, where the
+    # size check read size["n_steps"] and raised a bare KeyError
+    import inspect
+
+    from agents import sb3_agents
+
+    real = sb3_agents.ALGOS["dqn"]
+    sig = inspect.signature(real.__init__)
+
+    class OldDQN(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+
+    OldDQN.__init__.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in sig.parameters.values() if p.name != "n_steps"])
+    monkeypatch.setitem(sb3_agents.ALGOS, "dqn", OldDQN)
+    assert sb3_agents.load_hyperparams("dqn")["n_timesteps"] > 0

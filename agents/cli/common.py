@@ -137,8 +137,10 @@ def check_model(agent_name: str, model_path: Path | None) -> None:
 
 
 class OutPath(click.Path):
-    """The ``--out`` type of every command: a path, refused when empty (``Path("")`` is
-    the current folder, so ``--out ''`` from an unset variable wrote every output there)."""
+    """The ``--out`` type of the commands that write a folder (``compare``, ``train``,
+    ``scenarios generate``): a path, refused when empty (``Path("")`` is the current
+    folder, so ``--out ''`` from an unset variable wrote every output there). The live
+    commands write one file and refuse ``''`` as a folder before measuring."""
 
     def __init__(self) -> None:
         super().__init__(path_type=Path)

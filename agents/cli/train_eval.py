@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from agents import registry
+from agents.base import MAX_TRAIN_STEPS
 from agents.cli.common import (
     OUT_PATH,
     SEED,
@@ -29,9 +30,6 @@ from agents.cli.common import (
 
 #: Online training budget of ``intune train --agent qlearning*`` when --steps is not given.
 QLEARNING_DEFAULT_STEPS = 30_000
-#: Most training steps one `intune train` takes (days of training at the SB3 agents' few
-#: thousand steps/s; 10**13 was accepted and would have run for years).
-MAX_TRAIN_STEPS = 10**8
 
 
 @click.command("train")
