@@ -185,8 +185,9 @@ class InTuneEnv(gym.Env[np.ndarray, int]):
     * v0 (stricter scenarios, no change to valid ones): integer fields refuse floats
       (``cpus: 8.0``, ``8.0e0``, ``buffer: 2.0`` were read as integers; ``8e0`` is 8);
       YAML 1.1's octal and base-60 numbers are refused (``cpus: 010`` was 8 CPUs,
-      ``gpu_rate: 1:30:00`` 5400 samples/s); ``contention`` on a stage kind whose model ignores it is refused (it
-      ran as if linear). No built-in or suite pipeline uses any of these.
+      ``gpu_rate: 1:30:00`` 5400 samples/s); ``contention`` on a stage kind whose model
+      ignores it is refused (it ran as if linear). No built-in or suite pipeline uses any
+      of these.
     """
 
 
