@@ -890,39 +890,8 @@ class SB3Agent(Agent):
         :class:`ModelFileError` naming both stage counts). Every fault in the files is a
         :class:`ModelFileError` with one line.
         """
-        zpath, spath, mpath = model_paths(path)
-        where = echo_path(zpath)
-        if not zpath.exists():
-            raise ModelFileError(f"{where}: no such model file")
-        meta: dict[str, Any] = {}
-        if mpath.exists():
-            raw_meta = read_json_file(mpath, "model sidecar")
-            if not isinstance(raw_meta, dict):
-                raise ModelFileError(f"{echo_path(mpath)}: model sidecar must be a JSON "
-                                     f"object, got {type(raw_meta).__name__}")
-            meta = raw_meta
-        saved_algo = meta.get("algo")
-        if saved_algo is not None and not isinstance(saved_algo, str):
-            raise ModelFileError(f"{echo_path(mpath)}: field 'algo' must be a string")
-        try:
-            if algo is not None and saved_algo is not None and \
-                    canonical_algo(algo) != canonical_algo(saved_algo):
-                raise ModelFileError(f"{where}: model was trained with {echo(saved_algo)}, "
-                                     f"not {echo(algo)}")
-            if saved_algo is None and algo is None:
-                raise ModelFileError(f"{where}: no {mpath.name} next to it; say which "
-                                     f"algorithm trained it (ppo, a2c, dqn, maskable-ppo)")
-            chosen = canonical_algo(saved_algo or algo or "")
-        except ModelFileError:
-            raise
-        except ValueError as err:
-            raise ModelFileError(f"{echo_path(mpath)}: {err}") from None
-        raw, data = read_model_zip(zpath)
-        if env is not None:
-            check_model_fits(where, meta, data, env)
-        spaces = (env.observation_space, env.action_space) if env is not None else None
-        custom = None if trust_model else safe_custom_objects(data, ALGOS[chosen], spaces,
-                                                              where)
+        where, chosen, meta, raw, custom = read_model_files(path, algo,
+                                                            trust_model=trust_model, env=env)
         try:
             with warnings.catch_warnings():
                 # torch warns about a refused file's pickle protocol before refusing it;
@@ -939,13 +908,68 @@ class SB3Agent(Agent):
             raise ModelFileError(f"{where}: cannot load the model ({type(err).__name__}: "
                                  f"{echo(str(err).splitlines()[0] if str(err) else '')})") \
                 from None
-        n_obs = int(np.prod(model.observation_space.shape))
-        normalized = meta.get("normalized")
-        legacy = Path(f"{zpath.with_suffix('')}{LEGACY_STATS_SUFFIX}")
-        stats = None
-        if normalized or (normalized is None and (spath.exists() or legacy.exists())):
-            stats = load_obs_stats(spath, legacy, trust_model, n_obs)
+        stats = model_obs_stats(path, meta, trust_model,
+                                int(np.prod(model.observation_space.shape)))
         return cls(model, chosen, obs_stats=stats, meta=meta)
+
+
+def read_model_files(path: str | Path, algo: str | None = None, *,
+                     trust_model: bool = False, env: Any = None
+                     ) -> tuple[str, str, dict[str, Any], bytes, dict[str, Any] | None]:
+    """Check a saved model's files as loading it does, without building the policy:
+    ``(where, algo, sidecar, zip bytes, custom_objects)``.
+
+    The sidecar (a JSON object; its ``algo`` must be ``algo``'s), the zip, with ``env``
+    (anything with ``observation_space`` and ``action_space``) the layout, and unless
+    ``trust_model`` the pickled entries. Every fault is a :class:`ModelFileError` with
+    one line. ``intune compare`` calls it for ``--models`` before ``--out`` exists.
+    """
+    zpath, spath, mpath = model_paths(path)
+    where = echo_path(zpath)
+    if not zpath.exists():
+        raise ModelFileError(f"{where}: no such model file")
+    meta: dict[str, Any] = {}
+    if mpath.exists():
+        raw_meta = read_json_file(mpath, "model sidecar")
+        if not isinstance(raw_meta, dict):
+            raise ModelFileError(f"{echo_path(mpath)}: model sidecar must be a JSON "
+                                 f"object, got {type(raw_meta).__name__}")
+        meta = raw_meta
+    saved_algo = meta.get("algo")
+    if saved_algo is not None and not isinstance(saved_algo, str):
+        raise ModelFileError(f"{echo_path(mpath)}: field 'algo' must be a string")
+    try:
+        if algo is not None and saved_algo is not None and \
+                canonical_algo(algo) != canonical_algo(saved_algo):
+            raise ModelFileError(f"{where}: model was trained with {echo(saved_algo)}, "
+                                 f"not {echo(algo)}")
+        if saved_algo is None and algo is None:
+            raise ModelFileError(f"{where}: no {mpath.name} next to it; say which "
+                                 f"algorithm trained it (ppo, a2c, dqn, maskable-ppo)")
+        chosen = canonical_algo(saved_algo or algo or "")
+    except ModelFileError:
+        raise
+    except ValueError as err:
+        raise ModelFileError(f"{echo_path(mpath)}: {err}") from None
+    raw, data = read_model_zip(zpath)
+    if env is not None:
+        check_model_fits(where, meta, data, env)
+    spaces = (env.observation_space, env.action_space) if env is not None else None
+    custom = None if trust_model else safe_custom_objects(data, ALGOS[chosen], spaces,
+                                                          where)
+    return where, chosen, meta, raw, custom
+
+
+def model_obs_stats(path: str | Path, meta: dict[str, Any], trust_model: bool,
+                    n_obs: int) -> ObsStats | None:
+    """The observation statistics saved next to a model (``None`` if it was not
+    normalised); :class:`ModelFileError` if they are bad or do not fit ``n_obs``."""
+    zpath, spath, _ = model_paths(path)
+    normalized = meta.get("normalized")
+    legacy = Path(f"{zpath.with_suffix('')}{LEGACY_STATS_SUFFIX}")
+    if normalized or (normalized is None and (spath.exists() or legacy.exists())):
+        return load_obs_stats(spath, legacy, trust_model, n_obs)
+    return None
 
 
 def result_dict(result: TrainResult) -> dict[str, Any]:

@@ -190,52 +190,19 @@ class _Layout:
 
 def _check_model(zpath: Path, agent: str, scenario: dict[str, Any], trust_model: bool) -> None:
     """Check a model given with ``--models`` for ``agent`` on ``scenario`` as loading it
-    for a run does (``SB3Agent.load``: sidecar, algorithm, zip, layout, unpickled
-    entries, observation statistics), so a bad file is the user's fault found before any
-    run and before ``--out`` exists, not a run refused after the grid. The policy itself
-    is not built: torch work here would start OpenMP threads in this process, which then
-    forks the workers."""
-    from agents.sb3_agents import ALGOS, canonical_algo, check_model_fits
-    from agents.sb3_files import (
-        LEGACY_STATS_SUFFIX,
-        ModelFileError,
-        load_obs_stats,
-        model_paths,
-        read_json_file,
-        read_model_zip,
-        safe_custom_objects,
-    )
+    for a run does (:func:`agents.sb3_agents.read_model_files` and its observation
+    statistics), so a bad file is the user's fault found before any run and before
+    ``--out`` exists, not a run refused after the grid. The policy itself is not built:
+    torch work here would start OpenMP threads in this process, which then forks the
+    workers."""
+    from agents.sb3_agents import model_obs_stats, read_model_files
+    from agents.sb3_files import ModelFileError
 
+    env = _Layout(load_scenario(scenario))
     try:
-        zpath, spath, mpath = model_paths(zpath)
-        where = echo_path(zpath)
-        meta: Any = read_json_file(mpath, "model sidecar") if mpath.exists() else {}
-        if not isinstance(meta, dict):
-            raise ModelFileError(f"{echo_path(mpath)}: model sidecar must be a JSON object, "
-                                 f"got {type(meta).__name__}")
-        saved = meta.get("algo")
-        if saved is not None and not isinstance(saved, str):
-            raise ModelFileError(f"{echo_path(mpath)}: field 'algo' must be a string")
-        algo = registry.SB3_AGENTS[agent]
-        try:
-            if saved is not None and canonical_algo(saved) != canonical_algo(algo):
-                raise ModelFileError(f"{where}: model was trained with {echo(saved)}, not "
-                                     f"{echo(algo)}")
-        except ValueError as err:  # an unknown algorithm name in the sidecar
-            if isinstance(err, ModelFileError):
-                raise
-            raise ModelFileError(f"{echo_path(mpath)}: {err}") from None
-        _, data = read_model_zip(zpath)
-        env = _Layout(load_scenario(scenario))
-        check_model_fits(where, meta, data, env)  # type: ignore[arg-type]
-        if not trust_model:
-            safe_custom_objects(data, ALGOS[canonical_algo(algo)],
-                                (env.observation_space, env.action_space), where)
-        legacy = Path(f"{zpath.with_suffix('')}{LEGACY_STATS_SUFFIX}")
-        normalized = meta.get("normalized")
-        if normalized or (normalized is None and (spath.exists() or legacy.exists())):
-            load_obs_stats(spath, legacy, trust_model,
-                           int(env.observation_space.shape[0]))
+        _, _, meta, _, _ = read_model_files(zpath, registry.SB3_AGENTS[agent],
+                                            trust_model=trust_model, env=env)
+        model_obs_stats(zpath, meta, trust_model, int(env.observation_space.shape[0]))
     except ModelFileError as err:
         raise CompareError(f"--models: {err}") from None
 
